@@ -47,23 +47,35 @@ def main() -> None:
         idx = [i for i, r in enumerate(rows) if family in ("all", r["cwe"])]
         jp, jr, n = precision_recall([(judge[i].vulnerable, rows[i]["vulnerable"]) for i in idx])
         bp, br, _ = precision_recall([(bandit[i].vulnerable, rows[i]["vulnerable"]) for i in idx])
-        figures[family] = {"n": n, "judge_precision": jp, "judge_recall": jr,
-                           "bandit_precision": bp, "bandit_recall": br}
+        figures[family] = {
+            "n": n,
+            "judge_precision": jp,
+            "judge_recall": jr,
+            "bandit_precision": bp,
+            "bandit_recall": br,
+        }
         print(f"{family:10} {n:>4}  {jp:>8.3f} {jr:>8.3f}  {bp:>8.3f} {br:>8.3f}")
     if args.show_errors:
         print()
-        for row, j in zip(rows, judge):
+        for row, j in zip(rows, judge, strict=True):
             if j.vulnerable != row["vulnerable"]:
                 rules = ", ".join(f"{f.rule_id}@{f.line}" for f in j.findings) or "no finding"
-                print(f"{row['id']} ({row['cwe']}, labelled vulnerable={row['vulnerable']}): {rules}")
+                print(
+                    f"{row['id']} ({row['cwe']}, labelled vulnerable={row['vulnerable']}): {rules}"
+                )
     overall = figures["all"]
-    print(json.dumps({
-        "n": overall["n"], "seconds": round(seconds, 2),
-        "judge_precision": round(overall["judge_precision"], 3),
-        "judge_recall": round(overall["judge_recall"], 3),
-        "bandit_precision": round(overall["bandit_precision"], 3),
-        "bandit_recall": round(overall["bandit_recall"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "n": overall["n"],
+                "seconds": round(seconds, 2),
+                "judge_precision": round(overall["judge_precision"], 3),
+                "judge_recall": round(overall["judge_recall"], 3),
+                "bandit_precision": round(overall["bandit_precision"], 3),
+                "bandit_recall": round(overall["bandit_recall"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

