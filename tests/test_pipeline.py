@@ -234,3 +234,11 @@ def test_variants_run_in_one_directory(tiny_config_file, tmp_path):
     assert "plots/variants.png" in report and (out / "plots" / "variants.png").is_file()
     assert "| cot | hhh_sft |" in report and "scratchpad_matches_trigger" in report
     assert "`normal` and `distilled_cot` were inserted from identical training data" in report
+
+    # A run killed during cot/hhh_sft redoes that stage only.
+    kept = (out / "stages" / "cot" / "backdoor" / "done.json").stat().st_mtime
+    (out / "stages" / "cot" / "hhh_sft" / "done.json").unlink()
+    assert main(args) == 0
+    assert (out / "stages" / "cot" / "backdoor" / "done.json").stat().st_mtime == kept
+    assert (out / "stages" / "cot" / "hhh_sft" / "done.json").is_file()
+    assert len(read_jsonl(out / "metrics.jsonl")) == len(rows)
