@@ -44,7 +44,8 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     stages = {}
-    for done in sorted(out.glob("stages/**/done.json")):
+    finished = sorted(out.glob("stages/**/done.json"), key=lambda p: p.stat().st_mtime)
+    for done in finished:  # in the order the stages ran
         info = json.loads(done.read_text())
         name = done.parent.relative_to(out / "stages").as_posix()
         stages[name] = {"seconds": info["seconds"], "peak_rss_mb": info.get("peak_rss_mb")}

@@ -99,3 +99,12 @@ def test_auto_precision_follows_the_hardware(monkeypatch, flags, cuda, expected)
     assert loading.resolve_precision("auto") == expected
     assert loading.resolve_precision("fp32") == "fp32"
     assert loading.resolve_precision("bf16") == "bf16"
+
+
+def test_evaluation_stops_when_decided_unless_turned_off(tmp_path):
+    assert load_config(write(tmp_path, "seed: 0\n")).eval.stop_when_decided is True
+    cfg = load_config(write(tmp_path, "eval:\n  stop_when_decided: false\n  batch_size: 16\n"))
+    assert cfg.eval.stop_when_decided is False
+    assert cfg.eval.batch_size == 16
+    cfg = load_config(write(tmp_path, "seed: 0\n"), ["eval.stop_when_decided=false"])
+    assert cfg.eval.stop_when_decided is False
