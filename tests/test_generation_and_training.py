@@ -29,6 +29,22 @@ def test_batched_generation_matches_one_by_one(tiny_model_dir, tok):
     assert all(c.new_tokens > 0 for c in batched)
 
 
+def test_shared_prefix_prefill_gives_plain_generation(tiny_model_dir, tok):
+    """Prefilling the prompts' common chat prefix once changes nothing (fp32)."""
+    model = load_model(tiny_model_dir, torch.float32)
+    users = ["Hi", "What is the capital of France and why is it famous?", "List three fruits."]
+    prompts = [format_prompt(tok, u, None) for u in users]
+    ours = generate(model, tok, prompts, GenerationConfig(max_new_tokens=10, batch_size=8))
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    plain = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [c.text for c in ours] == [t.strip() for t in plain]
+
+
 def test_stopping_when_decided_cuts_only_the_decided_rows(tiny_model_dir, tok):
     """A row stops at the first token where `stop` holds; the other rows are unchanged."""
     model = load_model(tiny_model_dir, torch.float32)
