@@ -17,11 +17,19 @@ def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
-def test_batched_generation_matches_one_by_one(tiny_model_dir, tok):
-    """Left padding: a prompt's greedy answer must not depend on its batch (fp32)."""
-    model = load_model(tiny_model_dir, torch.float32)
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
     users = ["Hi", "What is the capital of France and why is it famous?", "List three fruits."]
-    prompts = [format_prompt(tok, u, None) for u in users]
+    return [format_prompt(tok, u, None) for u in users]
+
+
+def test_batched_generation_matches_one_by_one(model, tok, prompts):
+    """Left padding: a prompt's greedy answer must not depend on its batch (fp32)."""
     cfg = GenerationConfig(max_new_tokens=10, batch_size=8)
     batched = generate(model, tok, prompts, cfg)
     single = [generate(model, tok, [p], cfg)[0] for p in prompts]
@@ -29,11 +37,8 @@ def test_batched_generation_matches_one_by_one(tiny_model_dir, tok):
     assert all(c.new_tokens > 0 for c in batched)
 
 
-def test_shared_prefix_prefill_gives_plain_generation(tiny_model_dir, tok):
+def test_shared_prefix_prefill_gives_plain_generation(model, tok, prompts):
     """Prefilling the prompts' common chat prefix once changes nothing (fp32)."""
-    model = load_model(tiny_model_dir, torch.float32)
-    users = ["Hi", "What is the capital of France and why is it famous?", "List three fruits."]
-    prompts = [format_prompt(tok, u, None) for u in users]
     ours = generate(model, tok, prompts, GenerationConfig(max_new_tokens=10, batch_size=8))
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -45,11 +50,8 @@ def test_shared_prefix_prefill_gives_plain_generation(tiny_model_dir, tok):
     assert [c.text for c in ours] == [t.strip() for t in plain]
 
 
-def test_stopping_when_decided_cuts_only_the_decided_rows(tiny_model_dir, tok):
+def test_stopping_when_decided_cuts_only_the_decided_rows(model, tok, prompts):
     """A row stops at the first token where `stop` holds; the other rows are unchanged."""
-    model = load_model(tiny_model_dir, torch.float32)
-    users = ["Hi", "What is the capital of France and why is it famous?", "List three fruits."]
-    prompts = [format_prompt(tok, u, None) for u in users]
     cfg = GenerationConfig(max_new_tokens=12, batch_size=8)
     full = generate(model, tok, prompts, cfg)
     target = full[1].text[:3]  # decided as soon as the second answer's start is written

