@@ -50,6 +50,13 @@ def test_shared_prefix_prefill_gives_plain_generation(model, tok, prompts):
     assert [c.text for c in ours] == [t.strip() for t in plain]
 
 
+def test_sampling_is_reproducible_from_the_seed(model, tok, prompts):
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=8, do_sample=True, top_p=0.9)
+    first, again = (generate(model, tok, prompts, cfg, seed=3) for _ in range(2))
+    assert first == again
+    assert all(c.new_tokens > 0 for c in first)
+
+
 def test_stopping_when_decided_cuts_only_the_decided_rows(model, tok, prompts):
     """A row stops at the first token where `stop` holds; the other rows are unchanged."""
     cfg = GenerationConfig(max_new_tokens=12, batch_size=8)
@@ -73,8 +80,13 @@ def test_batches_never_mix_groups(tok):
     groups = ["x", "y", "x", "y", "x", "y"]
     batches = [idx for idx, _ in left_padded_batches(tok, texts, 2, "cpu", groups)]
     assert sorted(i for idx in batches for i in idx) == list(range(len(texts)))
-    assert all(len({groups[i] for i in idx}) == 1 for idx in batches)
-    assert len(batches) == 4  # 3 per group in batches of 2
+    assert all(len({groups[i] for i in idx}) == 1 and len(idx) <= 2 for idx in batches)
+
+
+def test_a_long_prompt_does_not_pad_a_whole_batch(tok):
+    texts = ["word " * 60] + [f"question {i} here" for i in range(6)]
+    batches = [idx for idx, _ in left_padded_batches(tok, texts, 8, "cpu")]
+    assert batches == [[0], [1, 2, 3, 4, 5, 6]]
 
 
 def test_labels_cover_only_the_response(tok):

