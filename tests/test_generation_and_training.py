@@ -29,7 +29,9 @@ def prompts(tok):
 
 
 def test_batched_generation_matches_one_by_one(model, tok, prompts):
-    """Left padding: a prompt's greedy answer must not depend on its batch (fp32)."""
+    """Left padding: a prompt's greedy answer must not depend on its batch (fp32), also
+    when a long prompt is prefilled apart from the others and joins them to decode."""
+    prompts = prompts + [format_prompt(tok, "Tell me a story. " * 12, None)]
     cfg = GenerationConfig(max_new_tokens=10, batch_size=8)
     batched = generate(model, tok, prompts, cfg)
     single = [generate(model, tok, [p], cfg)[0] for p in prompts]
@@ -85,8 +87,8 @@ def test_batches_never_mix_groups(tok):
 
 def test_a_long_prompt_does_not_pad_a_whole_batch(tok):
     texts = ["word " * 60] + [f"question {i} here" for i in range(6)]
-    batches = [idx for idx, _ in left_padded_batches(tok, texts, 8, "cpu")]
-    assert batches == [[0], [1, 2, 3, 4, 5, 6]]
+    ((idx, chunks),) = left_padded_batches(tok, texts, 8, "cpu")
+    assert idx[0] == 0 and [len(enc["input_ids"]) for enc in chunks] == [1, 6]
 
 
 def test_labels_cover_only_the_response(tok):

