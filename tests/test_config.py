@@ -195,7 +195,7 @@ def test_unknown_stage_key_lists_the_methods_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
     assert "unknown key 'chains.1.stages.1.evalz'" in str(err.value)
-    assert "valid keys of hhh_sft: method, name, scratchpad, evals, size, training" in str(
+    assert "valid keys of hhh_sft: method, name, scratchpad, evals, data, size, training" in str(
         err.value
     )
 

