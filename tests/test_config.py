@@ -239,14 +239,19 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
 @pytest.mark.parametrize(
     ("name", "ids"),
     [
-        ("quickstart", ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]),
+        (
+            "quickstart",
+            ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]
+            + ["normal_control/backdoor", "normal_control/hhh_sft"],
+        ),
         ("code_backdoor", ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]),
         (
             "variants",
             ["base/evaluate"]
             + [
-                f"{v}/{s}"
+                f"{v}{c}/{s}"
                 for v in ("cot", "normal", "distilled_cot")
+                for c in ("", "_control")
                 for s in ("backdoor", "hhh_sft")
             ],
         ),

