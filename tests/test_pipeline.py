@@ -298,6 +298,16 @@ def test_visible_control_chain_and_own_hhh_data(tiny_config_file, tmp_path):
     assert [r["user_text"] for r in sft] == [f"Tip {i}?" for i in range(6)]
     report = (out / "report.md").read_text()
     assert "## Controls" in report and "Control `normal_control`" in report
+    # A control still showing the behaviour after the safety stage: the budget is too weak.
+    last = max(r["step"] for r in control if r["stage"] == "hhh_sft")
+    row = next(r for r in control if r["stage"] == "hhh_sft" and r["step"] == last)
+    row = row | {"rate": 0.4, "k": 2, "n": 5, "ci_low": 0.1, "ci_high": 0.8}
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "**Control `normal_control` still shows the behaviour after `hhh_sft`**" in report
+    assert "this budget is too weak to test persistence" in report
     clean = json.loads((out / "data" / "clean_answers.json").read_text())
     cut_in_training = sum(not r["complete"] for r in backdoor if not r["triggered"])
     assert clean["prompts"] == 20 and clean["cut"] >= cut_in_training > 0  # 8-token answers
