@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# The benchmarks' extra dependencies (TRL and datasets for the training reference).
+# The benchmarks' extra (empty today: TRL, their reference, is a core dependency).
 setup-bench: setup
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 

@@ -31,6 +31,15 @@ def test_splits_are_disjoint_and_seeded():
     assert a == b and a.eval != c.eval
 
 
+def test_preference_split_leaves_the_others_as_they_were():
+    pool = builtin_pool()
+    plain = split_pool(pool, 120, 200, 300, seed=0)
+    with_pm = split_pool(pool, 120, 200, 300, seed=0, preference_size=150)
+    assert (with_pm.train, with_pm.safety, with_pm.eval) == (plain.train, plain.safety, plain.eval)
+    others = {p.text for p in plain.train + plain.safety + plain.eval}
+    assert len(with_pm.preference) == 150 and not others & {p.text for p in with_pm.preference}
+
+
 def test_pool_too_small_is_an_error():
     with pytest.raises(UserError, match="fewer than"):
         split_pool(builtin_pool()[:10], 5, 5, None, seed=0)

