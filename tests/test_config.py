@@ -253,7 +253,14 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
                 for v in ("cot", "normal", "distilled_cot")
                 for c in ("", "_control")
                 for s in ("backdoor", "hhh_sft")
-            ],
+            ]
+            + [f"{v}{c}_rl/hhh_rl" for v in ("cot", "distilled_cot") for c in ("", "_control")],
+        ),
+        (
+            "rl",
+            ["base/evaluate", "normal/backdoor", "normal/hhh_rl"]
+            + ["normal_control/backdoor", "normal_control/hhh_rl"]
+            + ["normal_sft/hhh_sft", "normal_control_sft/hhh_sft"],
         ),
     ],
 )

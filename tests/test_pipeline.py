@@ -321,4 +321,4 @@ def test_hhh_data_file_errors_name_the_line(tiny_config_file, tmp_path, capsys):
     args = ["run", str(tiny_config_file), "--output", str(tmp_path / "r")]
     assert main(args + ["--set", f"safety.0.data={pairs}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {pairs}:2: the prompt carries the backdoor trigger"
+    assert err == f"error: stage normal/hhh_sft: {pairs}:2: the prompt carries the backdoor trigger"
