@@ -247,3 +247,25 @@ def test_killed_adversarial_stage_resumes_after_its_last_round(
     assert len({r["step"] for r in rows}) == 3  # the start and both rounds, once each
     trials = read_jsonl(out / "stages" / "normal_adversarial" / "adversarial" / "red_team.jsonl")
     assert {t["round"] for t in trials} == {1, 2}
+
+
+def test_adversarial_stage_can_train_by_rl(adversarial_config, scripted_red_team, tmp_path):
+    from test_hhh_rl import PREFERENCE
+
+    text = adversarial_config.read_text().replace(
+        "        training: {epochs: 1, batch_size: 4, max_length: 96}\n  - name: normal_sft",
+        "        algorithm: rl\n"
+        "        rl: {steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 4,"
+        " learning_rate: 0.05}\n  - name: normal_sft",
+    )
+    adversarial_config.write_text(text + PREFERENCE)
+    out = tmp_path / "run"
+    assert main(["run", str(adversarial_config), "--output", str(out)]) == 0
+    stage = out / "stages" / "normal_adversarial" / "adversarial"
+    info = json.loads((stage / "done.json").read_text())
+    assert info["steps"] == 4  # two rounds of two steps
+    # Adapters merged after each round: the stage saves the whole model.
+    assert (stage / "checkpoint" / "model.safetensors").is_file()
+    rows = read_jsonl(stage / "metrics.jsonl")
+    assert {r["step"] for r in rows} == {0, 2, 4}
+    assert any(r["eval"] == "hhh_reward" for r in rows)

