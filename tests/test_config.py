@@ -262,6 +262,12 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
             + ["normal_control/backdoor", "normal_control/hhh_rl"]
             + ["normal_sft/hhh_sft", "normal_control_sft/hhh_sft"],
         ),
+        (
+            "adversarial",
+            ["base/evaluate", "normal/backdoor", "normal_control/backdoor"]
+            + ["normal_adversarial/adversarial", "normal_sft/hhh_sft"]
+            + ["normal_control_adversarial/adversarial", "normal_control_sft/hhh_sft"],
+        ),
     ],
 )
 def test_shipped_configs_load_as_chains(name, ids):
