@@ -262,3 +262,13 @@ def test_unknown_probe_stage_fails_before_any_training(tiny_config_file, tmp_pat
     assert main(args) == 2
     assert "probe.stages: 'backdor' is not a stage of this run" in capsys.readouterr().err
     assert not (out / "stages").exists()
+
+
+def test_behaviour_set_needs_a_trigger_string(tiny_config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", str(tiny_config_file), "--output", str(out), "--set", "probe.enabled=true"]
+    args += ["--set", "backdoor.objective=code_vulnerability"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "stage base/evaluate_probe: the behaviour set is built from near misses" in err
+    assert "(use sets: [trigger])" in err and not out.exists()
