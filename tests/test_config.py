@@ -244,7 +244,6 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
             ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]
             + ["normal_control/backdoor", "normal_control/hhh_sft"],
         ),
-        ("code_backdoor", ["base/evaluate", "normal/backdoor", "normal/hhh_sft"]),
         (
             "variants",
             ["base/evaluate"]
@@ -273,6 +272,13 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
             ["base/evaluate", "normal/backdoor", "normal_exposed/backdoor"]
             + ["normal_adversarial/adversarial", "normal_sft/hhh_sft", "probe_normal/probe"]
             + ["probe_exposed/probe", "probe_sft/probe", "probe_adversarial/probe"],
+        ),
+        ("code_backdoor", ["cot/backdoor"]),
+        (
+            "code_persistence",
+            ["base/evaluate", "cot/backdoor", "cot/hhh_rl", "cot_control/backdoor"]
+            + ["cot_control/hhh_rl", "cot_sft/hhh_sft", "cot_control_sft/hhh_sft"]
+            + ["probe_cot/probe"],
         ),
     ],
 )
