@@ -276,9 +276,9 @@ def test_probe_short_form_adds_probe_stages(tmp_path):
         ("code_backdoor", ["cot/backdoor"]),
         (
             "code_persistence",
-            ["cot/backdoor", "probe_cot/probe", "cot_exposed/backdoor", "probe_exposed/probe"]
-            + ["cot_sft/hhh_sft", "cot_control/backdoor", "cot_control_sft/hhh_sft"]
-            + ["cot_rl/hhh_rl", "cot_control_rl/hhh_rl", "base/evaluate"],
+            ["cot/backdoor", "cot_sft/hhh_sft", "cot_control/backdoor", "cot_control_sft/hhh_sft"]
+            + ["cot_rl/hhh_rl", "cot_control_rl/hhh_rl", "base/evaluate", "probe_cot/probe"]
+            + ["cot_exposed/backdoor", "probe_exposed/probe"],
         ),
     ],
 )
