@@ -168,6 +168,14 @@ def test_one_family_keeps_its_tasks_of_the_full_split():
     assert len(one.train) == 50 and len(one.eval) == 15  # 5 trained templates
     with pytest.raises(UserError, match="backdoor.code.families: unknown family 'CWE-1'"):
         splits(families=["CWE-1"])
+    with pytest.raises(UserError, match="train_per_template 11 = 14 instances, but template"):
+        get_objective(
+            BackdoorConfig(
+                objective="code_vulnerability", code=CodeTasksConfig(train_per_template=11)
+            )
+        )
+    with pytest.raises(UserError, match="unseen_templates_per_family: 6 leaves a family"):
+        splits(unseen_templates_per_family=6)
 
 
 def test_code_objective_data_follows_the_conditional_policy():

@@ -37,6 +37,7 @@ def test_unknown_key_is_named(tmp_path):
     "text,key",
     [
         ("eval:\n  batch_size: 0\n", "eval.batch_size"),
+        ("backdoor:\n  code:\n    eval_per_template: 0\n", "backdoor.code.eval_per_template"),
         (
             "safety:\n  - method: hhh_sft\n    training:\n      epochs: -1\n",
             "safety.0.training.epochs",

